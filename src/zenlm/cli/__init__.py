@@ -1,0 +1,1 @@
+"""The `zenlm` command line."""

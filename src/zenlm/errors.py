@@ -1,0 +1,43 @@
+"""Errors a user can cause.
+
+Everything a user can get wrong (a path, a config key, a corrupt file, a prompt that does not
+fit) raises a :class:`ZenlmError` subclass with a one-line message. The CLI prints that line and
+exits non-zero; anything else escaping is a bug in zenlm, and deserves its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class ZenlmError(Exception):
+    """Base class: the message is meant for the user, as is."""
+
+
+class ConfigError(ZenlmError):
+    """An unknown key, a bad value, or a recipe that cannot be read."""
+
+
+class DataError(ZenlmError):
+    """A corpus that is missing, empty or unreadable."""
+
+
+class TokenizerError(ZenlmError):
+    """A tokenizer that cannot be trained or loaded."""
+
+
+class CheckpointError(ZenlmError):
+    """A run folder or checkpoint that is missing, incomplete or corrupt."""
+
+
+class PromptTooLongError(ZenlmError):
+    """A prompt that does not fit in the model's context."""
+
+
+def unknown_key(kind: str, key: str, valid: Iterable[str]) -> ConfigError:
+    """Name the key that is wrong and the nearest one that would be right."""
+    valid = sorted(valid)
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown {kind} key '{key}'{hint}")

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and bits-per-byte now; classification and multiple choice to come."""

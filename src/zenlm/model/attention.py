@@ -1,0 +1,69 @@
+"""Multi-head self-attention: Q/K/V projections, rotary positions, grouped-query heads, a KV cache.
+
+The one attention of zenlm. Every family goes through
+:func:`torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel where the
+hardware has one. Separate q/k/v projections (rather than one fused matrix) keep the weights
+named as Hugging Face names them, which makes checkpoint interop and LoRA on q/k/v direct.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zenlm.config import TransformerConfig
+from zenlm.model.kv_cache import KVCache
+
+
+def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_len, head_dim) in the "rotate half" layout Llama uses."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_bias = config.bias or config.qkv_bias
+        d = config.d_model
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=config.bias)
+        self.o_proj.residual_init = True  # GPT-2's scaled init for projections into the residual
+        self.dropout = config.dropout
+        self.causal = config.causal
+        self.use_rope = config.pos == "rope"
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = cache.pos if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        # Causality: a fresh sequence uses the fused causal kernel; a single new token sees the
+        # whole cache; a chunk appended to a cache needs an explicit mask (passed in).
+        is_causal = self.causal and attn_mask is None and past == 0 and t > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
+        return self.o_proj(y)

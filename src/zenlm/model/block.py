@@ -1,0 +1,55 @@
+"""One pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+Which norm and which MLP are config switches, so GPT-2 and Llama share this class.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zenlm.config import TransformerConfig
+from zenlm.model.attention import Attention
+from zenlm.model.kv_cache import KVCache
+
+
+def make_norm(config: TransformerConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT-2: tanh approximation; BERT: exact) or SwiGLU (Llama)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.kind = config.mlp
+        d, h = config.d_model, config.d_ff
+        if self.kind == "swiglu":
+            self.gate_proj = nn.Linear(d, h, bias=config.bias)
+        self.up_proj = nn.Linear(d, h, bias=config.bias)
+        self.down_proj = nn.Linear(h, d, bias=config.bias)
+        self.down_proj.residual_init = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        approximate = "tanh" if self.kind == "gelu" else "none"
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, attn_mask))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))

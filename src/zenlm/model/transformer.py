@@ -1,0 +1,116 @@
+"""The decoder Transformer: embeddings -> blocks -> final norm -> tied or separate LM head.
+
+Read top to bottom: the family (GPT-2, Llama, ...) lives in :class:`TransformerConfig`, not in
+subclasses. ``forward`` returns logits for inference, or the loss when targets are given, so a
+DDP wrapper around the model computes exactly what training needs and nothing more.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.utils.checkpoint
+import torch.nn.functional as F
+from torch import nn
+
+from zenlm.config import TransformerConfig
+from zenlm.model.attention import rope_tables
+from zenlm.model.block import Block, make_norm
+from zenlm.model.kv_cache import KVCache
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.pos == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = make_norm(config)
+        # A tied head reuses tok_emb.weight in forward, so the weight exists once on disk too.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.pos == "rope":
+            cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # Recompute each block's activations in backward instead of storing them: less memory
+        # for longer sequences, at the price of one more forward. Set by the training loop.
+        self.activation_checkpointing = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            # GPT-2: projections that add into the residual stream are scaled by 1/sqrt(2L) so
+            # the stream's variance does not grow with depth.
+            if getattr(module, "residual_init", False):
+                std = std / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    # ------------------------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        c = self.config
+        p = self.tok_emb.weight
+        return KVCache(c.n_layer, batch, c.n_kv_head, c.head_dim, max_len or c.max_seq_len,
+                       dtype=p.dtype, device=p.device)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d): what every task head reads."""
+        b, t = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + t > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + t} tokens exceeds the context of {self.config.max_seq_len}")
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + t, device=idx.device))
+        x = self.drop(x)
+        rope = None
+        if self.config.pos == "rope":
+            rope = (self.rope_cos[start:start + t], self.rope_sin[start:start + t])
+        mask = None
+        if cache is not None and start > 0 and t > 1:  # a chunk appended to a filled cache
+            q_pos = torch.arange(start, start + t, device=idx.device)[:, None]
+            mask = torch.arange(start + t, device=idx.device)[None, :] <= q_pos
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, mask)
+        if cache is not None:
+            cache.advance(t)
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, last_only: bool = False,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) with ``last_only``; the loss when ``targets`` is given.
+
+        Targets equal to -100 carry no loss (prompt masking, padding).
+        """
+        h = self.hidden_states(idx, cache)
+        if last_only:
+            h = h[:, -1:, :]
+        logits = F.linear(h, self.head_weight())
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-100, reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss

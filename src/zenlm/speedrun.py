@@ -1,0 +1,152 @@
+"""The main job: tokenizer -> shards -> pretraining -> evaluation -> samples -> report, in minutes.
+
+With no arguments it learns to write Python from the one corpus every installation has: the
+Python standard library's own ``.py`` sources. Each stage is the library function a user would
+call; this module only strings them together and writes ``report.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from zenlm.checkpoint import atomic_write_text
+
+CODE_PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\n\n\ndef list_files(path):\n",
+    "class Stack:\n    def __init__(self):\n",
+    "    for i in range(len(items)):\n",
+]
+
+# Model sizes sized for a ~5 minute run on 2 CPU cores (and up, for users with more).
+SIZES = {
+    "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=256, max_seq_len=256),
+    "small": dict(n_layer=6, n_head=6, n_kv_head=2, d_model=384, max_seq_len=256),
+    "base": dict(n_layer=12, n_head=12, n_kv_head=4, d_model=768, max_seq_len=1024),
+}
+
+
+@dataclass
+class SpeedrunConfig:
+    corpus: str | None = None  # None: the Python standard library's .py files
+    name: str | None = None
+    runs_dir: str = "runs"
+    minutes: float = 5.0
+    size: str = "tiny"
+    vocab_size: int = 4096
+    max_corpus_mb: float = 16.0  # a sample of the stdlib is plenty for 5 minutes
+    lr: float = 3e-3
+    batch_size: int = 16
+    seed: int = 1337
+
+
+def stdlib_sources(max_bytes: int) -> list[Path]:
+    """A spread sample of the standard library's sources (hash order, not alphabetical)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py")
+             if "site-packages" not in p.parts and "__pycache__" not in p.parts]
+    files.sort(key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest())
+    picked, total = [], 0
+    for f in files:
+        size = f.stat().st_size
+        if size == 0 or size > 1 << 20:  # skip empty files and generated giants
+            continue
+        if total + size > max_bytes:
+            continue
+        picked.append(f)
+        total += size
+    return picked
+
+
+def speedrun(cfg: SpeedrunConfig, log=print) -> Path:
+    from zenlm.data.shards import PrepareConfig, prepare
+    from zenlm.data.sources import Source, find_sources
+    from zenlm.errors import ConfigError, unknown_key
+    from zenlm.train.config import resolve
+    from zenlm.train.loop import pretrain
+
+    if cfg.size not in SIZES:
+        raise unknown_key("size", cfg.size, SIZES)
+    if cfg.minutes <= 0:
+        raise ConfigError("--minutes must be positive")
+    t0 = time.time()
+    name = cfg.name or time.strftime("speedrun-%Y%m%d-%H%M%S")
+    run = Path(cfg.runs_dir) / name
+    if (run / "checkpoints").exists():
+        raise ConfigError(f"{run} already exists; choose another --name")
+    data_dir = run / "data"
+    if cfg.corpus is None:
+        files = stdlib_sources(int(cfg.max_corpus_mb * (1 << 20)))
+        sources = [Source(f, "text", f.stat().st_size) for f in files]
+        corpus_label = f"Python standard library ({len(files)} .py files from {sysconfig.get_paths()['stdlib']})"
+    else:
+        sources = find_sources([cfg.corpus])
+        corpus_label = cfg.corpus
+    log(f"[1/4] corpus: {corpus_label}, {sum(s.size for s in sources) / 1e6:.1f} MB")
+    manifest = prepare(PrepareConfig(inputs=[], out=str(data_dir), vocab_size=cfg.vocab_size,
+                                     sources=sources), log=log)
+
+    log(f"[2/4] training a {cfg.size} Llama-style model for {cfg.minutes:g} minutes")
+    raw = {"model": {"family": "llama", **SIZES[cfg.size], "tie_embeddings": True},
+           "data": {"path": str(data_dir)},
+           "train": {"out_dir": str(run), "max_minutes": cfg.minutes, "max_steps": None,
+                     "batch_size": cfg.batch_size, "lr": cfg.lr, "warmup_frac": 0.03,
+                     "eval_every": 0, "ckpt_every": 100, "eval_batches": 40, "seed": cfg.seed,
+                     "weight_decay": 0.1}}
+    summary = pretrain(resolve(raw), log=log)
+
+    log("[3/4] sampling completions of code prompts")
+    from zenlm.checkpoint import load_run
+    from zenlm.infer import generate
+
+    loaded = load_run(run)
+    samples = [(p, generate(loaded.model, loaded.tokenizer, p, max_new_tokens=96, temperature=0.7,
+                            top_k=40, seed=cfg.seed)) for p in CODE_PROMPTS]
+    log("[4/4] writing the report")
+    report = render_report(cfg, corpus_label, manifest, summary, samples, time.time() - t0)
+    atomic_write_text(run / "report.md", report)
+    log(f"report: {run / 'report.md'}")
+    for prompt, completion in samples[:2]:
+        log("-" * 60 + "\n" + prompt + completion)
+    return run
+
+
+def render_report(cfg: SpeedrunConfig, corpus: str, manifest: dict, summary: dict,
+                  samples: list[tuple[str, str]], seconds: float) -> str:
+    val = summary.get("val") or {}
+    config = json.loads(json.dumps(asdict(cfg)))
+    lines = [
+        f"# zenlm speedrun: {Path(summary['run']).name}",
+        "",
+        f"- corpus: {corpus}",
+        f"- tokens in corpus: {manifest['train_tokens']:,} train / {manifest['val_tokens']:,} val "
+        f"(vocabulary {manifest['vocab_size']:,}, split by {manifest['val_split']})",
+        f"- parameters: {summary['params']:,} ({summary['params_non_embedding']:,} non-embedding)",
+        f"- steps: {summary['step']:,}; tokens seen: {summary['tokens']:,}",
+        f"- training time: {summary['train_seconds']:.0f} s; throughput: {summary['tok_per_s']:,.0f} tokens/s "
+        f"({summary['threads']} threads)",
+        f"- final val: loss {val.get('val_loss', float('nan')):.4f}, perplexity {val.get('val_ppl', float('nan')):.2f}, "
+        f"**bits-per-byte {val.get('val_bpb', float('nan')):.4f}**",
+        f"- wall time, all stages: {seconds:.0f} s",
+        "",
+        "![loss curve](loss.png)",
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(config, indent=2),
+        "```",
+        "",
+        "Full run config: `config.yaml`; metrics: `metrics.jsonl`.",
+        "",
+        "## Samples (temperature 0.7, top-k 40)",
+        "",
+    ]
+    for prompt, completion in samples:
+        lines += ["```python", prompt + completion, "```", ""]
+    return "\n".join(lines)

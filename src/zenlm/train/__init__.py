@@ -1,0 +1,1 @@
+"""Training: the one loop, its optimizer and schedule, and torchrun support."""

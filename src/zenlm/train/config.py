@@ -1,0 +1,93 @@
+"""The run configuration: model + data + train sections, filled from a YAML recipe and `--set`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zenlm.config import TransformerConfig, build, load_yaml, merge, parse_overrides
+from zenlm.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a folder written by `zenlm prepare`
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    batch_size: int = 16  # sequences per micro-batch, per process
+    grad_accum: int = 1
+    seq_len: int | None = None  # None: the model's max_seq_len
+    max_steps: int | None = 1000
+    max_minutes: float | None = None  # wall-clock budget; the schedule is fitted to it
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int | None = None  # None: warmup_frac of the run
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    dtype: str = "fp32"  # fp32 | bf16 (autocast; for GPUs: this CPU has no native bf16)
+    compile: bool = False
+    activation_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 1337
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    ckpt_every: int = 200
+    keep_last: int = 2
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.max_minutes is None:
+            raise ConfigError("set train.max_steps or train.max_minutes (or both)")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"train.dtype must be fp32 or bf16, got {self.dtype!r}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError("train.lr must be positive")
+
+
+@dataclass
+class RunConfig:
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def resolve(raw: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig; a model without vocab_size takes the prepared data's vocabulary."""
+    raw = merge({}, raw)
+    model = raw.setdefault("model", {}) or {}
+    raw["model"] = model
+    family = model.pop("family", None)
+    if family is not None:
+        from zenlm.config import PRESETS
+
+        if family not in PRESETS:
+            from zenlm.errors import unknown_key
+            raise unknown_key("model family", family, PRESETS)
+        raw["model"] = model = {**{k: v for k, v in PRESETS[family].items()
+                                   if k not in ("vocab_size", "n_layer", "n_head", "n_kv_head",
+                                                "d_model", "max_seq_len")}, **model}
+    data_path = (raw.get("data") or {}).get("path")
+    if "vocab_size" not in model and data_path:
+        manifest = Path(data_path) / "manifest.json"
+        if manifest.is_file():
+            vocab = json.loads(manifest.read_text())["vocab_size"]
+            model["vocab_size"] = 64 * ((vocab + 63) // 64)  # round up: faster matmuls
+    return build(RunConfig, raw)
+
+
+def load_config(recipe: str | None, overrides: list[str] | None = None) -> RunConfig:
+    raw = load_yaml(recipe) if recipe else {}
+    return resolve(merge(raw, parse_overrides(overrides or [])))

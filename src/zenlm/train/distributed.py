@@ -1,0 +1,75 @@
+"""torchrun integration: one process per device; gloo on CPU, nccl on GPU.
+
+Without torchrun's environment this is a no-op world of one, so the training loop has a single
+code path for one process and many.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def setup(device: str = "auto") -> World:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return World(rank, size, local_rank, device)
+
+
+def teardown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_across(world: World, value: float) -> float:
+    if not world.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=world.device)
+    dist.all_reduce(t)
+    return float(t) / world.size
+
+
+def gather_objects(world: World, obj):
+    """A list with every rank's ``obj`` (on every rank)."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_flag(world: World, flag: bool) -> bool:
+    """True on every rank if any rank raised the flag (e.g. a stop request)."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
