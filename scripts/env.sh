@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create or reuse the project's virtual environment (.venv) and install zenlm into it.
+# Sourced by scripts/speedrun.sh and scripts/test.sh. torch==2.13.0 goes in first: on this
+# kind of machine it is a CPU build on local disk, while an open range would pull a
+# multi-GB CUDA build from PyPI.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${ZENLM_VENV:-$ROOT/.venv}"
+EXTRAS="${1:-}"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+# Re-install only when the dependency list or the extras asked for change.
+STAMP="$VENV/.zenlm-installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-${EXTRAS:-base}"
+if [ ! -f "$STAMP" ]; then
+  echo "== installing zenlm${EXTRAS:+[$EXTRAS]} into $VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT${EXTRAS:+[$EXTRAS]}"
+  touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,71 @@
+"""Plain helpers shared by the tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
+
+CORPUS_BYTES = 200_000
+VOCAB = 384
+
+# The tiny model every training test uses: Llama switches (RoPE, RMSNorm, SwiGLU, GQA).
+TINY_MODEL = {"family": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 64,
+              "max_seq_len": 64}
+TINY_TRAIN = {"batch_size": 8, "seq_len": 32, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
+              "eval_every": 0, "eval_batches": 4, "ckpt_every": 0, "progress": False,
+              "device": "cpu", "seed": 1234}
+
+
+def _head_at_line(text: str, n: int) -> str:
+    cut = text.rfind("\n", 0, n)
+    return text[: cut + 1] if cut > 0 else text[:n]
+
+
+def stdlib_sample(max_bytes: int = CORPUS_BYTES) -> str:
+    """A deterministic sample of the standard library's own .py sources."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out, total = [], 0
+    for f in sorted(root.glob("*.py")):
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text.strip() or len(text.encode()) > 60_000:
+            continue
+        out.append(text)
+        total += len(text.encode())
+        if total >= max_bytes:
+            break
+    return "".join(out)
+
+
+def run_config(data_dir, out_dir, model: dict | None = None, **train):
+    """A RunConfig for the tiny model, built through the same path a recipe takes."""
+    from zenlm.train.config import resolve
+
+    return resolve({"model": {**TINY_MODEL, **(model or {})}, "data": {"path": str(data_dir)},
+                    "train": {**TINY_TRAIN, "out_dir": str(out_dir), **train}})
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+ZENLM = [sys.executable, "-m", "zenlm.cli.main"]
+
+
+def run_cli(*args, timeout: float = 180, cwd=None) -> subprocess.CompletedProcess:
+    """``python -m zenlm.cli.main ARGS`` as a real subprocess."""
+    return subprocess.run([*ZENLM, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=cli_env(), cwd=cwd)
