@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CORPUS_BYTES, SHAKESPEARE, VOCAB, _head_at_line, run_config, stdlib_sample
+from helpers import (CORPUS_BYTES, SHAKESPEARE, TRAINED_STEPS, VOCAB, head_at_line, run_config,
+                     stdlib_sample)
+
+
+def pytest_configure(config):
+    # The models here are tiny: one thread is as fast, and it does not fight other processes
+    # on a shared 2-core machine. Subprocesses get OMP_NUM_THREADS=1 (helpers.cli_env).
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +44,7 @@ def corpus_file(tmp_path_factory, corpus_text) -> Path:
 def shakespeare_text() -> str:
     if not SHAKESPEARE.is_file():
         pytest.skip(f"shared data set not found at {SHAKESPEARE} (tinyshakespeare/input.txt)")
-    return _head_at_line(SHAKESPEARE.read_text(encoding="utf-8"), CORPUS_BYTES)
+    return head_at_line(SHAKESPEARE.read_text(encoding="utf-8"), CORPUS_BYTES)
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +87,7 @@ def trained_run(tmp_path_factory, prepared) -> Path:
     from zenlm.train.loop import pretrain
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    pretrain(run_config(prepared, out, max_steps=40), log=lambda *a, **k: None)
+    pretrain(run_config(prepared, out, max_steps=TRAINED_STEPS), log=lambda *a, **k: None)
     return out
 
 

@@ -14,6 +14,7 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare
 
 CORPUS_BYTES = 200_000
 VOCAB = 384
+TRAINED_STEPS = 60  # the session's shared trained run (conftest.trained_run)
 
 # The tiny model every training test uses: Llama switches (RoPE, RMSNorm, SwiGLU, GQA).
 TINY_MODEL = {"family": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 64,
@@ -23,7 +24,7 @@ TINY_TRAIN = {"batch_size": 8, "seq_len": 32, "lr": 3e-3, "warmup_steps": 2, "lo
               "device": "cpu", "seed": 1234}
 
 
-def _head_at_line(text: str, n: int) -> str:
+def head_at_line(text: str, n: int) -> str:
     cut = text.rfind("\n", 0, n)
     return text[: cut + 1] if cut > 0 else text[:n]
 

@@ -99,9 +99,18 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, tr
         meta = {"step": step, "config": config, "sha256": {f: sha256_file(tmp / f) for f in files}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         final = root / name
-        if final.exists():  # re-saving the same step (e.g. after resume): replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        if final.exists():  # re-saving the same step: replace it whole, but move the old one
+            aside = root / f".{name}.replaced"  # aside (not delete it) until the new one is in
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(final, aside)
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                os.rename(aside, final)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

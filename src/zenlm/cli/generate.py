@@ -29,8 +29,9 @@ def run(args) -> int:
                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                          stop=args.stop, seed=args.seed)
     loaded = load_run(args.run)
+    pieces = stream(loaded.model, loaded.tokenizer, args.prompt, cfg)  # checks the prompt fits
     sys.stdout.write(args.prompt)
-    for piece in stream(loaded.model, loaded.tokenizer, args.prompt, cfg):
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -61,6 +61,18 @@ def split_natural(text: str, every: int = ENCODE_CHUNK_CHARS) -> list[str]:
     return out
 
 
+def natural_cut(text: str, at: int) -> int:
+    """The boundary nearest after ``at`` where tokenization splits anyway (see split_natural);
+    failing that the nearest before it; failing both, ``at`` itself (a short file of one line)."""
+    after = split_natural(text, every=max(at, 1))[0]
+    if len(after) < len(text) or at <= 0:
+        return len(after)
+    pos = text.rfind("\n", 0, at)
+    while pos > 0 and pos + 1 < len(text) and text[pos + 1].isspace():
+        pos = text.rfind("\n", 0, pos)
+    return pos + 1 if pos > 0 else at
+
+
 def _segments(src: Source, cfg: PrepareConfig, mode: str) -> Iterator[tuple[str, bool, bool]]:
     """(text, goes_to_val, starts_a_document) for one source."""
     if src.kind == "jsonl":
@@ -86,12 +98,11 @@ def _segments(src: Source, cfg: PrepareConfig, mode: str) -> Iterator[tuple[str,
             yield text, False, offset == 0
         elif offset >= split_at:
             yield text, True, False
-        else:  # the split falls in this piece: cut at the next natural boundary
-            local = text[: len(raw[: split_at - offset].decode("utf-8", errors="ignore"))]
-            head = split_natural(text, every=max(len(local), 1))[0]
-            yield head, False, offset == 0
-            if len(head) < len(text):
-                yield text[len(head):], True, True
+        else:  # the split falls in this piece: cut at a natural boundary near it
+            at = natural_cut(text, len(raw[: split_at - offset].decode("utf-8", errors="ignore")))
+            yield text[:at], False, offset == 0
+            if at < len(text):
+                yield text[at:], True, True
 
 
 def _count_docs(sources: list[Source], field_: str) -> int:
@@ -143,6 +154,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     counts = {"train": [0, 0], "val": [0, 0]}  # tokens, bytes
     tmp = {k: out / f".{k}.bin.tmp" for k in counts}
     files = {k: open(p, "wb") for k, p in tmp.items()}
+    ok = False
     try:
         for src in sources:
             for text, to_val, starts_doc in _segments(src, cfg, mode):
@@ -153,14 +165,19 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
                 files[side].write(np.asarray(ids, dtype=dtype).tobytes())
                 counts[side][0] += len(ids)
                 counts[side][1] += len(text.encode("utf-8"))
+        ok = True
     finally:
         for f in files.values():
             f.close()
+        if not ok:  # leave no half-written shards behind
+            for p in tmp.values():
+                p.unlink(missing_ok=True)
     for side, (n_tok, _) in counts.items():
         if n_tok < 2:
             for p in tmp.values():
                 p.unlink(missing_ok=True)
-            hint = " (try --val-split tail)" if side == "val" and mode == "docs" else ""
+            hint = {"docs": " (try --val-split tail)", "tail": " (the corpus is too small to split)"}[mode]
+            hint = hint if side == "val" else ""
             raise DataError(f"the {side} split of the corpus is empty{hint}")
     for side, p in tmp.items():
         os.replace(p, out / f"{side}.bin")

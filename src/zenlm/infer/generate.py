@@ -38,14 +38,23 @@ def encode_prompt(tokenizer, prompt: str | list[int], context: int) -> list[int]
     return ids
 
 
-@torch.no_grad()
 def stream(model, tokenizer, prompt: str | list[int], cfg: SamplingConfig | None = None,
            **overrides) -> Iterator[str]:
+    """Text pieces of the completion as they become final.
+
+    The prompt is checked here, before the first piece is asked for, so a caller learns of a
+    prompt that does not fit before it prints anything.
+    """
     cfg = cfg or SamplingConfig(**overrides)
+    ids = encode_prompt(tokenizer, prompt, model.config.max_seq_len)
+    return _stream(model, tokenizer, ids, cfg)
+
+
+@torch.no_grad()
+def _stream(model, tokenizer, ids: list[int], cfg: SamplingConfig) -> Iterator[str]:
     model.eval()
     device = model.tok_emb.weight.device
     context = model.config.max_seq_len
-    ids = encode_prompt(tokenizer, prompt, context)
     budget = min(cfg.max_new_tokens, context - len(ids))
     gen = None
     if cfg.seed is not None:

@@ -24,6 +24,7 @@ class SamplingConfig:
     stop_at_eot: bool = True
 
     def __post_init__(self) -> None:
+        self.stop = [s for s in self.stop if s]  # an empty stop string would match at once
         if self.temperature < 0:
             raise ConfigError("temperature must be >= 0")
         if self.top_k is not None and self.top_k < 1:

@@ -199,7 +199,8 @@ def _run(cfg: RunConfig, world: World, resume: bool, log) -> dict:
             if progress >= 1.0 or stopping:
                 break
             lr = lr_at(progress, step, lr=tc.lr, min_lr_ratio=tc.min_lr_ratio,
-                       warmup_steps=tc.warmup_steps, warmup_frac=tc.warmup_frac)
+                       warmup_steps=tc.warmup_steps, warmup_frac=tc.warmup_frac,
+                       max_steps=tc.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), device=device)

@@ -36,18 +36,22 @@ def make_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[fl
 
 
 def lr_at(progress: float, step: int, *, lr: float, min_lr_ratio: float, warmup_steps: int | None,
-          warmup_frac: float) -> float:
+          warmup_frac: float, max_steps: int | None = None) -> float:
     """Linear warmup, then cosine from lr down to lr * min_lr_ratio as progress goes 0 -> 1.
 
     ``progress`` is the fraction of the run done (by steps or by wall-clock, whichever is
     further), so a run with a time budget decays on schedule however fast the machine is.
+    Warmup is ``warmup_steps`` steps when given, else the first ``warmup_frac`` of the run; the
+    cosine starts where warmup ends, so the LR never jumps.
     """
     if warmup_steps is not None:
         if step < warmup_steps:
             return lr * (step + 1) / warmup_steps
-    elif progress < warmup_frac:
-        return lr * max(progress, 1e-3) / warmup_frac
-    start = 0.0 if warmup_steps is not None else warmup_frac
+        start = warmup_steps / max_steps if max_steps else 0.0
+    else:
+        if progress < warmup_frac:
+            return lr * max(progress, 1e-3) / warmup_frac
+        start = warmup_frac
     t = min(max((progress - start) / max(1.0 - start, 1e-9), 0.0), 1.0)
     floor = lr * min_lr_ratio
     return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * t))
