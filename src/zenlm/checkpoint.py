@@ -118,7 +118,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, tr
     atomic_write_text(root / LATEST, name + "\n")
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
         if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+            # Rename first (atomic), then delete: a kill in the middle of rmtree must not leave
+            # a half-deleted step_* folder that looks like a checkpoint.
+            trash = root / f".{old.name}.deleting"
+            shutil.rmtree(trash, ignore_errors=True)  # left by an earlier crash
+            os.rename(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
     for stale in root.glob(".step_*"):  # temp folders left by a crash
         shutil.rmtree(stale, ignore_errors=True)
     return final

@@ -30,6 +30,10 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     pos: Literal["learned", "rope"] = "rope"
     rope_base: float = 10000.0
+    # None, or {"rope_type": "linear", "factor": f} (positions divided by f), or Llama 3's
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    #  "original_max_position_embeddings"}: long wavelengths stretched, short ones kept.
+    rope_scaling: dict[str, Any] | None = None
     mlp: Literal["gelu", "gelu_exact", "swiglu"] = "swiglu"  # gelu: tanh approx (GPT-2)
     bias: bool = False  # biases on every linear layer (GPT-2)
     qkv_bias: bool = False  # biases on q/k/v only (Qwen2-style)
@@ -62,6 +66,15 @@ class TransformerConfig:
                               ("mlp", ("gelu", "gelu_exact", "swiglu"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type")
+            need = ROPE_SCALING.get(kind)
+            if need is None:
+                raise ConfigError(f"model.rope_scaling.rope_type must be one of {tuple(ROPE_SCALING)}, "
+                                  f"got {kind!r}")
+            missing = [k for k in need if k not in self.rope_scaling]
+            if missing:
+                raise ConfigError(f"model.rope_scaling ({kind}) needs {', '.join(missing)}")
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -73,6 +86,12 @@ class TransformerConfig:
             raise unknown_key("model preset", family, PRESETS)
         return cls(**{**PRESETS[family], **overrides})
 
+
+# The RoPE scalings zenlm computes, and the keys each needs.
+ROPE_SCALING: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=True,

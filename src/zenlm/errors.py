@@ -31,6 +31,14 @@ class CheckpointError(ZenlmError):
     """A run folder or checkpoint that is missing, incomplete or corrupt."""
 
 
+class InteropError(ZenlmError):
+    """A model folder, hub id or GGUF file that cannot be read, found or converted."""
+
+
+class UnsupportedArchitectureError(InteropError):
+    """A model family (or a feature of one) that zenlm does not convert; the message names it."""
+
+
 class PromptTooLongError(ZenlmError):
     """A prompt that does not fit in the model's context."""
 

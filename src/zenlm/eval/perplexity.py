@@ -80,9 +80,7 @@ def evaluate_text(model, tokenizer, text: str, *, seq_len: int | None = None, ba
 
     if not text.strip():
         raise DataError("the text to evaluate is empty")
-    ids = tokenizer.encode(text)
-    if tokenizer.eot_id is not None:
-        ids = [tokenizer.eot_id] + ids
+    ids = tokenizer.encode_prompt(text)  # a document starts with the BOS where the model has one
     if len(ids) < 2:
         raise DataError("the text to evaluate is shorter than two tokens")
     seq_len = seq_len or model.config.max_seq_len

@@ -27,9 +27,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 def encode_prompt(tokenizer, prompt: str | list[int], context: int) -> list[int]:
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-        if tokenizer.eot_id is not None:  # documents start after a separator in training
-            ids = [tokenizer.eot_id] + ids
+        ids = tokenizer.encode_prompt(prompt)  # with the BOS where the model expects one
     else:
         ids = list(prompt)
     if len(ids) >= context:

@@ -8,6 +8,8 @@ named as Hugging Face names them, which makes checkpoint interop and LoRA on q/k
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,9 +18,29 @@ from zenlm.config import TransformerConfig
 from zenlm.model.kv_cache import KVCache
 
 
-def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_len, head_dim) in the "rotate half" layout Llama uses."""
+def rope_inv_freq(head_dim: int, base: float, scaling: dict | None = None) -> torch.Tensor:
+    """The rotation frequency of each pair of channels, optionally rescaled for long contexts."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv_freq
+    kind, factor = scaling["rope_type"], float(scaling["factor"])
+    if kind == "linear":  # positions divided by factor
+        return inv_freq / factor
+    # llama3: wavelengths longer than the original context / low_freq_factor are stretched by
+    # factor, those shorter than context / high_freq_factor kept, the band between interpolated.
+    old = float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    between = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_tables(head_dim: int, max_len: int, base: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_len, head_dim) in the "rotate half" layout Llama uses."""
+    inv_freq = rope_inv_freq(head_dim, base, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()

@@ -32,15 +32,42 @@ class Transformer(nn.Module):
         # A tied head reuses tok_emb.weight in forward, so the weight exists once on disk too.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.pos == "rope":
-            cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self._set_rope_tables()
         self.apply(self._init_weights)
         # Recompute each block's activations in backward instead of storing them: less memory
         # for longer sequences, at the price of one more forward. Set by the training loop.
         self.activation_checkpointing = False
 
+    def _set_rope_tables(self, device: torch.device | str | None = None,
+                         dtype: torch.dtype = torch.float32) -> None:
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_base, c.rope_scaling)
+        self.register_buffer("rope_cos", cos.to(device, dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device, dtype), persistent=False)
+
+    @classmethod
+    def from_weights(cls, config: TransformerConfig, weights: dict[str, torch.Tensor]) -> "Transformer":
+        """A model holding exactly ``weights`` (every parameter, nothing else), in eval mode.
+
+        The model is built on the meta device and the tensors are assigned, not copied: no
+        random init is spent on weights about to be replaced, and memory is not doubled.
+        Raises KeyError naming missing or unexpected weights, RuntimeError on a wrong shape.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        if missing or unexpected:
+            raise KeyError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.load_state_dict(weights, strict=True, assign=True)
+        if config.pos == "rope":
+            emb = model.tok_emb.weight
+            model._set_rope_tables(emb.device, emb.dtype)
+        return model.eval()
+
     def _init_weights(self, module: nn.Module) -> None:
+        if getattr(module, "weight", None) is not None and module.weight.is_meta:
+            return  # built on the meta device to receive loaded weights (from_weights)
         std = self.config.init_std
         if isinstance(module, nn.Linear):
             # GPT-2: projections that add into the residual stream are scaled by 1/sqrt(2L) so

@@ -1,0 +1,245 @@
+"""Hugging Face model folders in and out, and the hub when the machine is online.
+
+In: ``config.json`` + weights (``model.safetensors``, shards listed in
+``model.safetensors.index.json``, or a legacy ``pytorch_model.bin`` read with
+``torch.load(weights_only=True)``: never a plain unpickle) + tokenizer files. The family named by
+``config.json`` converts the config and the weight names (see ``families.py``).
+
+Out: ``config.json``, ``model.safetensors``, ``generation_config.json`` and the tokenizer files,
+which ``transformers.AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``
+load with no missing or unexpected weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from zenlm.errors import InteropError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InteropError(f"{folder}/config.json is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise InteropError(f"{folder}/config.json is not a JSON object")
+    return config
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InteropError(f"weights file missing: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError: truncated or not a safetensors file
+        raise InteropError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _load_bin(path: Path) -> dict:
+    import pickle
+
+    import torch
+
+    if not path.is_file():
+        raise InteropError(f"weights file missing: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InteropError(f"refused {path}: it holds more than tensors, and zenlm never unpickles "
+                           f"arbitrary objects ({str(exc).splitlines()[0][:120]})") from None
+    except Exception as exc:
+        raise InteropError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict):
+        raise InteropError(f"{path} does not hold a state dict")
+    return state
+
+
+def _shards(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise InteropError(f"{index} is not a weight index (no weight_map)") from None
+    return sorted(set(weight_map.values()))
+
+
+def read_weights(folder: Path) -> dict:
+    """Every tensor of the checkpoint in ``folder``, safetensors preferred over ``.bin``."""
+    state: dict = {}
+    if (folder / "model.safetensors.index.json").is_file():
+        for shard in _shards(folder / "model.safetensors.index.json"):
+            state.update(_load_safetensors(folder / shard))
+    elif (folder / "model.safetensors").is_file():
+        state = _load_safetensors(folder / "model.safetensors")
+    elif any(folder.glob("*.safetensors")):
+        for f in sorted(folder.glob("*.safetensors")):
+            state.update(_load_safetensors(f))
+    elif (folder / "pytorch_model.bin.index.json").is_file():
+        for shard in _shards(folder / "pytorch_model.bin.index.json"):
+            state.update(_load_bin(folder / shard))
+    elif (folder / "pytorch_model.bin").is_file():
+        state = _load_bin(folder / "pytorch_model.bin")
+    else:
+        raise InteropError(f"no weights in {folder}: expected model.safetensors (or shards listed "
+                           f"in model.safetensors.index.json) or pytorch_model.bin")
+    return state
+
+
+def build_model(family, hf_config: dict[str, Any], hf_state: dict, *, source: str, dtype=None,
+                device: str = "cpu", max_seq_len: int | None = None):
+    """The zenlm Transformer for an HF-style config + HF-named weights (also used for GGUF)."""
+    import dataclasses
+
+    import torch
+
+    from zenlm.model import Transformer
+
+    config = family.config_from_hf(hf_config)
+    if max_seq_len is not None:
+        config = dataclasses.replace(config, max_seq_len=min(int(max_seq_len), config.max_seq_len))
+    dtype = _dtype(dtype)
+    weights = family.weights_from_hf(hf_state, config)
+    weights = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in weights.items()}
+    try:
+        return Transformer.from_weights(config, weights)
+    except KeyError as exc:
+        raise InteropError(f"{source} does not fit its config: {exc.args[0]}") from None
+    except RuntimeError as exc:
+        lines = [l.strip() for l in str(exc).splitlines() if "size mismatch" in l] or str(exc).splitlines()
+        raise InteropError(f"{source} does not fit its config: {lines[0][:200]}") from None
+
+
+def _dtype(dtype):
+    import torch
+
+    if dtype is None:
+        return torch.float32  # fp32 is the CPU default: this kind of CPU has no fast bf16
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise InteropError(f"unknown dtype {dtype!r} (e.g. float32, bfloat16, float16)")
+        return getattr(torch, dtype)
+    return dtype
+
+
+def load_hf_folder(folder: str | os.PathLike, *, device: str = "cpu", dtype=None,
+                   max_seq_len: int | None = None, source: str | None = None):
+    """A ready model and tokenizer from a Hugging Face folder (or hub snapshot)."""
+    from zenlm.checkpoint import LoadedModel
+    from zenlm.interop.registry import hf_family
+    from zenlm.tokenizer import Tokenizer
+
+    folder = Path(folder)
+    config = read_config(folder)
+    family = hf_family(config)  # refuses unknown architectures before reading any weights
+    state = read_weights(folder)
+    model = build_model(family, config, state, source=str(folder), dtype=dtype, device=device,
+                        max_seq_len=max_seq_len)
+    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+    tokenizer = Tokenizer.from_hf_folder(folder) if has_tokenizer else None
+    return LoadedModel(model, tokenizer, source or str(folder))
+
+
+# ----------------------------------------------------------------------------------------------
+# the hub
+
+
+def _offline(hub) -> bool:
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return flag or bool(getattr(hub.constants, "HF_HUB_OFFLINE", False))
+
+
+def fetch_hub(repo_id: str, revision: str | None = None) -> Path:
+    """A local snapshot of a hub model: from the cache, else downloaded when online."""
+    how = (f"download it on a connected machine (huggingface-cli download {repo_id} --local-dir "
+           f"DIR) and pass zenlm.load('DIR')")
+    try:
+        import huggingface_hub as hub
+    except ImportError:
+        raise InteropError(f"no local folder '{repo_id}'; fetching it as a hub id needs "
+                           f"huggingface_hub (pip install huggingface_hub), or {how}") from None
+    patterns = ["config.json", "generation_config.json", *TOKENIZER_FILES, "*.safetensors",
+                "model.safetensors.index.json"]
+    try:  # already in the local cache: no network needed
+        path = Path(hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                          local_files_only=True))
+        if is_hf_folder(path):
+            return path
+    except Exception:
+        pass
+    if _offline(hub):
+        raise InteropError(f"no local folder '{repo_id}', and as a hub id it is not in the local "
+                           f"Hugging Face cache ({hub.constants.HF_HUB_CACHE}) while the machine is "
+                           f"offline (HF_HUB_OFFLINE): {how}")
+    try:
+        files = hub.list_repo_files(repo_id, revision=revision)
+        if not any(f.endswith(".safetensors") for f in files):  # an old repo: legacy .bin only
+            patterns += ["pytorch_model.bin", "pytorch_model*.bin", "pytorch_model.bin.index.json"]
+        return Path(hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except hub.errors.RepositoryNotFoundError:
+        raise InteropError(f"no local folder '{repo_id}', and no such hub model (or it is private: "
+                           f"log in with huggingface-cli login)") from None
+    except Exception as exc:  # no route to the hub, timeouts, gated repos
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise InteropError(f"no local folder '{repo_id}', and fetching it from the hub failed "
+                           f"({reason}): {how}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None) -> Path:
+    """Write ``model`` (and ``tokenizer``, if given) as a Hugging Face folder.
+
+    Each file is written atomically (a crash leaves every file whole, old or new).
+    """
+    from safetensors.torch import save_file
+
+    from zenlm.checkpoint import atomic_write_text
+    from zenlm.interop.registry import hf_family_for
+
+    cfg = model.config
+    family = hf_family_for(cfg)
+    torch_dtype = _dtype(dtype)
+    hf_config = family.config_to_hf(cfg)
+    state = family.weights_to_hf(model.state_dict(), cfg)
+    state = {k: v.detach().to("cpu", torch_dtype).contiguous().clone() for k, v in state.items()}
+    specials = {"bos_token_id": None, "eos_token_id": None}  # stated, or transformers guesses
+    if tokenizer is not None:
+        specials = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id}
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    hf_config.update(specials, torch_dtype=dtype_name, dtype=dtype_name, use_cache=True)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".model.safetensors.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / "model.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win
+    atomic_write_text(out / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    generation = {**specials, "_from_model_config": True}
+    atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_hf_folder(out)
+    return out
