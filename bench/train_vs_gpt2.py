@@ -44,7 +44,19 @@ RECIPE = ROOT / "recipes" / "tiny.yaml"
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 RESULTS = ROOT / "bench" / "results" / "train_vs_gpt2.json"
 SWEEP_LRS = (1e-3, 3e-3)
-CPU_PEAK_GFLOPS = 145.0  # fp32 matmul measured on this machine (GUIDE section 4)
+
+
+def peak_matmul_gflops(n: int = 2048, reps: int = 8) -> float:
+    """This machine's fp32 matmul rate right now (the denominator of model FLOPs utilisation)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 T_PROCESS = time.time()
 # `--minutes 1 --sweep-hf-lr` on this machine (2 threads, busy: CPU share ~0.6), 2026-11-29.
 DEFAULT_HF_LR_NOTE = ("default, from a 1-min sweep here: val bpb 3.0127 at 1e-3 (25 steps) vs "
@@ -153,7 +165,6 @@ def child(args) -> None:
     # Training FLOPs per token ~ 6 * params + 12 * layers * seq_len * d (attention scores).
     flops_tok = 6 * r["params"] + 12 * mc.n_layer * seq_len * mc.d_model
     r["gflops"] = flops_tok * r["tok_per_s"] / 1e9
-    r["mfu"] = r["gflops"] / CPU_PEAK_GFLOPS
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     r["threads"] = torch.get_num_threads()
     # Noise gauges: the share of its threads' wall time this process got on the CPU (about 1.0
@@ -196,7 +207,7 @@ def print_table(report: dict) -> None:
             ("train tokens/s", "{:,.0f}", "tok_per_s"), ("steps", "{:,}", "steps"),
             ("tokens seen", "{:,}", "tokens"), ("train seconds", "{:.1f}", "train_seconds"),
             ("params", "{:,}", "params"), ("peak RSS (MB)", "{:.0f}", "peak_rss_mb"),
-            ("~GFLOP/s (MFU vs 145)", None, None), ("torch threads", "{}", "threads"),
+            ("~GFLOP/s (MFU)", None, None), ("torch threads", "{}", "threads"),
             ("CPU share / load1", None, "noise"),
             ("lr", "{:g}", "lr")]
     print(f"\n{'':24}{'zenlm tiny (llama)':>22}{'HF GPT2LMHeadModel':>22}")
@@ -213,7 +224,8 @@ def print_table(report: dict) -> None:
     print(f"val bpb zenlm - HF: {report['bpb_delta']:+.4f} -> "
           f"{'zenlm wins' if report['zenlm_wins'] else 'zenlm does NOT win'}")
     print(f"HF lr: {h['lr']:g} ({report['hf_lr_choice']})")
-    print(f"budget: {report['minutes']} min each, same machine, sequential subprocesses")
+    print(f"budget: {report['minutes']} min each, same machine, sequential subprocesses; "
+          f"fp32 matmul peak measured now: {report['peak_matmul_gflops']:.0f} GFLOP/s")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
 
 
@@ -245,14 +257,17 @@ def main() -> None:
                 sweep[f"{lr:g}"] = spawn("gpt2", data, args.sweep_minutes, lr)["val_bpb"]
             hf_lr = min(SWEEP_LRS, key=lambda lr: sweep[f"{lr:g}"])
             choice = f"best of a {args.sweep_minutes:g}-min sweep, val bpb by lr: {sweep}"
+        peak = peak_matmul_gflops()
         z = spawn("zenlm", data, args.minutes, hf_lr)
         h = spawn("gpt2", data, args.minutes, hf_lr)
+        for r in (z, h):
+            r["mfu"] = r["gflops"] / peak
 
     report = {"question": "zenlm tiny vs HF GPT-2 (same size): val bpb after equal wall-clock",
               "minutes": args.minutes, "corpus": str(CORPUS), "recipe": str(RECIPE),
               "data": {k: manifest[k] for k in ("vocab_size", "train_tokens", "val_tokens",
                                                 "train_bytes", "val_bytes")},
-              "zenlm": z, "gpt2": h, "hf_lr_choice": choice, "hf_lr_sweep": sweep,
+              "peak_matmul_gflops": peak, "zenlm": z, "gpt2": h, "hf_lr_choice": choice, "hf_lr_sweep": sweep,
               "tok_per_s_ratio": z["tok_per_s"] / h["tok_per_s"],
               "tok_per_s_ratio_per_cpu_share": (z["tok_per_s"] / z["cpu_share"])
               / (h["tok_per_s"] / h["cpu_share"]),
