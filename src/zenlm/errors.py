@@ -39,7 +39,11 @@ class UnsupportedArchitectureError(InteropError):
     """A model family (or a feature of one) that zenlm does not convert; the message names it."""
 
 
-class PromptTooLongError(ZenlmError):
+class PromptError(ZenlmError):
+    """A prompt that cannot be completed (empty, or too long for the context)."""
+
+
+class PromptTooLongError(PromptError):
     """A prompt that does not fit in the model's context."""
 
 

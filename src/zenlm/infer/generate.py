@@ -1,7 +1,9 @@
 """Text generation with a KV cache: prefill the prompt once, then one token per forward.
 
-:func:`stream` yields text pieces as they become final (holding back bytes of an unfinished
-character and text that might be the start of a stop string); :func:`generate` joins them.
+:func:`stream` yields the text of one completion as it becomes final (holding back the bytes of
+an unfinished character and text that might be the start of a stop string); :func:`generate`
+joins it; :func:`generate_batch` completes prompts of different lengths together, left-padded
+in one batch, which is where a CPU gets most of its decoding throughput.
 """
 
 from __future__ import annotations
@@ -10,19 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
-from zenlm.errors import PromptTooLongError
+from zenlm.errors import PromptError, PromptTooLongError
 from zenlm.infer.sampling import SamplingConfig, sample_next
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters could still grow into a stop string."""
-    keep = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                keep = max(keep, k)
-                break
-    return keep
 
 
 def encode_prompt(tokenizer, prompt: str | list[int], context: int) -> list[int]:
@@ -30,10 +21,103 @@ def encode_prompt(tokenizer, prompt: str | list[int], context: int) -> list[int]
         ids = tokenizer.encode_prompt(prompt)  # with the BOS where the model expects one
     else:
         ids = list(prompt)
+    if not ids:
+        raise PromptError("the prompt is empty and this tokenizer adds no BOS token to start from")
     if len(ids) >= context:
         raise PromptTooLongError(f"the prompt is {len(ids)} tokens; the model's context is {context} "
                                  f"tokens and generation needs at least one free position")
     return ids
+
+
+class RowText:
+    """One completion's text: decodes tokens, finds stop strings, says what is final."""
+
+    def __init__(self, tokenizer, cfg: SamplingConfig):
+        self.decoder = tokenizer.stream_decode()
+        self.stops = cfg.stop
+        self.eot = tokenizer.eot_id if cfg.stop_at_eot else None
+        self.text, self.emitted, self.done = "", 0, False
+
+    def _held_back(self) -> int:
+        """How many trailing characters could still grow into a stop string."""
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        return keep
+
+    def push(self, token: int) -> str:
+        """Newly final text after ``token`` (sets ``done`` at EOS or a stop string)."""
+        if self.done:
+            return ""
+        if token == self.eot:
+            self.done = True
+            return self.finish()
+        self.text += self.decoder.push(token)
+        start = self.emitted
+        hits = [i for i in (self.text.find(s, max(0, start - len(s))) for s in self.stops) if i >= 0]
+        if hits:
+            self.done = True
+            self.text = self.text[:min(hits)]
+            self.emitted = len(self.text)
+            return self.text[start:]
+        safe = len(self.text) - self._held_back()
+        if safe > start:
+            self.emitted = safe
+            return self.text[start:safe]
+        return ""
+
+    def finish(self) -> str:
+        """Whatever was held back, once no more tokens will come."""
+        if not self.done or self.emitted < len(self.text):
+            self.text += self.decoder.flush()
+            hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+        self.done = True
+        piece = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return piece
+
+
+@torch.no_grad()
+def token_steps(model, rows: list[list[int]], cfg: SamplingConfig) -> Iterator[torch.Tensor]:
+    """Next-token ids (B,) at every step, for prompts of any lengths (left-padded together).
+
+    The caller decides when to stop (EOS, stop strings); the step budget here is
+    ``cfg.max_new_tokens`` or what the context leaves, whichever is smaller.
+    """
+    model.eval()
+    device = model.tok_emb.weight.device
+    longest = max(len(r) for r in rows)
+    budget = min(cfg.max_new_tokens, model.config.max_seq_len - longest)
+    if budget <= 0:
+        return
+    gen = None
+    if cfg.seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(cfg.seed)
+    ragged = any(len(r) != longest for r in rows)
+    idx = torch.tensor([[r[0]] * (longest - len(r)) + r for r in rows], device=device)
+    mask = None
+    if ragged:  # the padding repeats each row's first token: harmless for the repetition penalty
+        mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)
+    ones = torch.ones(len(rows), 1, dtype=torch.long, device=device)
+    cache = model.new_cache(len(rows), longest + budget)
+    logits = model(idx, cache=cache, last_only=True, attention_mask=mask)[:, -1]
+    seen = idx if cfg.repetition_penalty != 1.0 else None
+    for step in range(budget):
+        nxt = sample_next(logits, cfg, seen, gen)
+        yield nxt
+        if step == budget - 1:
+            break
+        if seen is not None:
+            seen = torch.cat([seen, nxt[:, None]], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, ones], dim=1)
+        logits = model(nxt[:, None], cache=cache, last_only=True, attention_mask=mask)[:, -1]
 
 
 def stream(model, tokenizer, prompt: str | list[int], cfg: SamplingConfig | None = None,
@@ -48,45 +132,39 @@ def stream(model, tokenizer, prompt: str | list[int], cfg: SamplingConfig | None
     return _stream(model, tokenizer, ids, cfg)
 
 
-@torch.no_grad()
 def _stream(model, tokenizer, ids: list[int], cfg: SamplingConfig) -> Iterator[str]:
-    model.eval()
-    device = model.tok_emb.weight.device
-    context = model.config.max_seq_len
-    budget = min(cfg.max_new_tokens, context - len(ids))
-    gen = None
-    if cfg.seed is not None:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(cfg.seed)
-    cache = model.new_cache(1, len(ids) + budget)
-    seen = torch.tensor([ids], device=device)
-    logits = model(seen, cache=cache, last_only=True)[:, -1]
-    decoder = tokenizer.stream_decode()
-    text, emitted = "", 0
-    for _ in range(budget):
-        nxt = sample_next(logits, cfg, seen if cfg.repetition_penalty != 1.0 else None, gen)
-        token = int(nxt)
-        if cfg.stop_at_eot and token == tokenizer.eot_id:
-            break
-        text += decoder.push(token)
-        hit = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in cfg.stop) if i >= 0), default=-1)
-        if hit >= 0:
-            if hit > emitted:
-                yield text[emitted:hit]
+    row = RowText(tokenizer, cfg)
+    for nxt in token_steps(model, [ids], cfg):
+        piece = row.push(int(nxt[0]))
+        if piece:
+            yield piece
+        if row.done:
             return
-        safe = len(text) - _held_back(text, cfg.stop)
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-        if cache.pos >= cache.max_len:
-            break
-        seen = torch.cat([seen, nxt.view(1, 1)], dim=1)
-        logits = model(nxt.view(1, 1), cache=cache, last_only=True)[:, -1]
-    text += decoder.flush()
-    if len(text) > emitted:
-        yield text[emitted:]
+    piece = row.finish()
+    if piece:
+        yield piece
 
 
 def generate(model, tokenizer, prompt: str | list[int], cfg: SamplingConfig | None = None, **overrides) -> str:
     """The completion of ``prompt`` as one string (the prompt itself not included)."""
     return "".join(stream(model, tokenizer, prompt, cfg, **overrides))
+
+
+def generate_batch(model, tokenizer, prompts: list[str | list[int]], cfg: SamplingConfig | None = None,
+                   **overrides) -> list[str]:
+    """Completions of several prompts at once (same sampling settings, one shared KV cache).
+
+    With a seed, a batch is reproducible, but a row's sample differs from the same prompt run
+    alone (the random draws are shared across the batch); greedy rows equal their solo runs.
+    """
+    cfg = cfg or SamplingConfig(**overrides)
+    rows = [encode_prompt(tokenizer, p, model.config.max_seq_len) for p in prompts]
+    texts = [RowText(tokenizer, cfg) for _ in rows]
+    for nxt in token_steps(model, rows, cfg):
+        for row, token in zip(texts, nxt.tolist()):
+            row.push(token)
+        if all(r.done for r in texts):
+            break
+    for row in texts:
+        row.finish()
+    return [r.text for r in texts]

@@ -98,24 +98,45 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, d): what every task head reads."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, *,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d): what every task head reads.
+
+        ``attention_mask`` (B, S) marks real tokens (1) and padding (0) over every position so
+        far, cached ones included (S = cache.pos + T). It lets rows of different lengths share a
+        batch: padding is never attended to, and each row's positions count its real tokens
+        only, so a left-padded prompt is computed as if it stood alone.
+        """
         b, t = idx.shape
         start = cache.pos if cache is not None else 0
         if start + t > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {start + t} tokens exceeds the context of {self.config.max_seq_len}")
+        dev = idx.device
+        if attention_mask is not None:
+            if attention_mask.shape != (b, start + t):
+                raise ValueError(f"attention_mask must be (batch, {start + t}), got {tuple(attention_mask.shape)}")
+            valid = attention_mask.bool()
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
+        else:
+            positions = torch.arange(start, start + t, device=dev)
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + t, device=idx.device))
+            x = x + self.pos_emb(positions)
         x = self.drop(x)
         rope = None
         if self.config.pos == "rope":
-            rope = (self.rope_cos[start:start + t], self.rope_sin[start:start + t])
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            rope = (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
         mask = None
-        if cache is not None and start > 0 and t > 1:  # a chunk appended to a filled cache
-            q_pos = torch.arange(start, start + t, device=idx.device)[:, None]
-            mask = torch.arange(start + t, device=idx.device)[None, :] <= q_pos
+        if attention_mask is not None:
+            q_pos = torch.arange(start, start + t, device=dev)[:, None]
+            k_pos = torch.arange(start + t, device=dev)[None, :]
+            mask = valid[:, None, None, :] & (k_pos <= q_pos if self.config.causal else True)
+            mask = mask | (k_pos == q_pos)  # a padding query sees itself: no empty rows (NaN)
+        elif cache is not None and start > 0 and t > 1:  # a chunk appended to a filled cache
+            q_pos = torch.arange(start, start + t, device=dev)[:, None]
+            mask = torch.arange(start + t, device=dev)[None, :] <= q_pos
         for block in self.blocks:
             if self.activation_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, mask, use_reentrant=False)
@@ -127,12 +148,12 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, last_only: bool = False,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with ``last_only``; the loss when ``targets`` is given.
 
         Targets equal to -100 carry no loss (prompt masking, padding).
         """
-        h = self.hidden_states(idx, cache)
+        h = self.hidden_states(idx, cache, attention_mask=attention_mask)
         if last_only:
             h = h[:, -1:, :]
         logits = F.linear(h, self.head_weight())
