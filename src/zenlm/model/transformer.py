@@ -156,7 +156,7 @@ class Transformer(nn.Module):
         h = self.hidden_states(idx, cache, attention_mask=attention_mask)
         if last_only:
             h = h[:, -1:, :]
-        logits = F.linear(h, self.head_weight())
+        logits = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.tok_emb.weight)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),

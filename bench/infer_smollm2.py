@@ -1,0 +1,285 @@
+"""SmolLM2-135M-Instruct on a CPU: zenlm against transformers and llama.cpp, same GGUF, same run.
+
+Measured for each contestant, each in a fresh subprocess (so cold start and peak RSS are
+honest), contestants alternating, repeated ``--reps`` times (median reported):
+  * cold start: process start -> model and tokenizer loaded -> first generated token;
+  * prefill: tokens/s of one forward over a 512-token prompt (after a warm-up forward);
+  * decode: greedy tokens/s for 128 new tokens at batch 1 and batch 8;
+  * peak RSS of the process.
+Contestants: zenlm fp32, zenlm int8 (``zenlm.infer.quantize``), transformers fp32
+(``from_pretrained(gguf_file=...)`` + ``generate``), and llama-cpp-python on the same Q4_1 GGUF
+when it is installed (``pip install llama-cpp-python``; it compiles llama.cpp, ~9 minutes).
+Perplexity on the first 20,000 characters of GPL-3 (512-token windows) is reported for zenlm
+fp32 and int8 (the cost of int8) and for transformers.
+
+    . .venv/bin/activate
+    python bench/infer_smollm2.py                 # ~10 minutes on 2 cores; JSON to bench/results/
+    python bench/infer_smollm2.py --reps 1 --skip hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "infer_smollm2.json"
+PPL_TEXT = Path("/usr/share/common-licenses/GPL-3")
+PPL_CHARS = 20_000
+NEW_TOKENS = 128
+PROMPT_TOKENS = 512
+CONTESTANTS = ("zenlm", "zenlm-int8", "hf", "llama.cpp")
+
+
+def gguf_path() -> Path:
+    from zenlm.interop.load import smollm2_path
+
+    return smollm2_path()
+
+
+def prompt_text() -> str:
+    return PPL_TEXT.read_text()[20_000:40_000]  # not the perplexity slice
+
+
+# ------------------------------------------------------------------------------------------
+# one contestant per process
+
+
+def run_zenlm(int8: bool, threads: int) -> dict:
+    import torch
+
+    import zenlm
+    from zenlm.infer import SamplingConfig
+    from zenlm.infer.generate import token_steps
+
+    lm = zenlm.load("smollm2")
+    if int8:
+        from zenlm.infer.quantize import quantize_int8
+
+        quantize_int8(lm.model)
+    model, tok = lm.model, lm.tokenizer
+    ids = tok.encode_prompt("Once upon a time")
+    next(iter(token_steps(model, [ids], SamplingConfig(max_new_tokens=1, temperature=0))))
+    first_token = time.time()
+
+    long_ids = tok.encode_prompt(prompt_text())[:PROMPT_TOKENS]
+
+    def prefill():
+        with torch.no_grad():
+            model(torch.tensor([long_ids]), last_only=True)
+
+    def decode(batch: int):
+        prompts = [tok.encode_prompt(p) for p in BATCH_PROMPTS[:batch]]
+        cfg = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0, stop_at_eot=False)
+        n = sum(1 for _ in token_steps(model, prompts, cfg))
+        return n * batch
+
+    out = measure(prefill, decode, first_token)
+    from zenlm.eval.perplexity import evaluate_text
+
+    out["ppl"] = evaluate_text(model, tok, PPL_TEXT.read_text()[:PPL_CHARS], seq_len=512, batch=4).perplexity
+    return out
+
+
+def run_hf(threads: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
+    enc = tok("Once upon a time", return_tensors="pt")
+    model.generate(**enc, max_new_tokens=1, do_sample=False)
+    first_token = time.time()
+    long_ids = tok(prompt_text(), return_tensors="pt").input_ids[:, :PROMPT_TOKENS]
+
+    def prefill():
+        with torch.no_grad():
+            model(long_ids, logits_to_keep=1)
+
+    def decode(batch: int):
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        enc = tok(BATCH_PROMPTS[:batch], return_tensors="pt", padding=True)
+        out = model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        return (out.shape[1] - enc.input_ids.shape[1]) * batch
+
+    out = measure(prefill, decode, first_token)
+    out["ppl"] = hf_perplexity(model, tok)
+    return out
+
+
+def hf_perplexity(model, tok) -> float:
+    import math
+
+    import torch
+
+    ids = tok(PPL_TEXT.read_text()[:PPL_CHARS], return_tensors="pt").input_ids[0]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, 512):
+            chunk = ids[s:s + 513]
+            logits = model(chunk[None, :-1]).logits[0]
+            nll += torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="sum").item()
+            n += len(chunk) - 1
+    return math.exp(nll / n)
+
+
+def run_llama_cpp(threads: int) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path()), n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
+    llm("Once upon a time", max_tokens=1, temperature=0)
+    first_token = time.time()
+    long_ids = llm.tokenize(prompt_text().encode())[:PROMPT_TOKENS]
+
+    def prefill():
+        llm.reset()
+        llm.eval(long_ids)
+
+    def decode(batch: int):
+        if batch != 1:
+            return None  # llama-cpp-python's high-level API decodes one sequence at a time
+        llm.reset()
+        out = llm(BATCH_PROMPTS[0], max_tokens=NEW_TOKENS, temperature=0, top_k=1)
+        return out["usage"]["completion_tokens"]
+
+    return measure(prefill, decode, first_token)
+
+
+BATCH_PROMPTS = [
+    "Once upon a time", "The capital of France is", "def fibonacci(n):", "In 1969, astronauts",
+    "The best way to learn a language is", "Water boils at", "My favourite recipe for bread",
+    "The theory of relativity says",
+]
+
+
+def measure(prefill, decode, first_token: float) -> dict:
+    t0 = float(os.environ["BENCH_T0"])
+    out = {"cold_start_s": first_token - t0}
+    prefill()  # warm-up
+    t = time.perf_counter()
+    prefill()
+    out["prefill_tok_s"] = PROMPT_TOKENS / (time.perf_counter() - t)
+    for batch in (1, 8):
+        t = time.perf_counter()
+        n = decode(batch)
+        out[f"decode_b{batch}_tok_s"] = None if n is None else n / (time.perf_counter() - t)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def child(name: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    if name == "zenlm":
+        r = run_zenlm(False, threads)
+    elif name == "zenlm-int8":
+        r = run_zenlm(True, threads)
+    elif name == "hf":
+        r = run_hf(threads)
+    else:
+        r = run_llama_cpp(threads)
+    r["threads"] = torch.get_num_threads()
+    print("RESULT " + json.dumps(r))
+
+
+def spawn(name: str, threads: int) -> dict | None:
+    env = {**os.environ, "BENCH_T0": repr(time.time()), "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, __file__, "--child", name, "--threads", str(threads)],
+                          capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(f"  {name} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    return None
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "llama_cpp_python", "gguf", "zenlm"):
+        try:
+            out[pkg] = md.version(pkg.replace("_", "-"))
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip", action="append", default=[], choices=CONTESTANTS)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--child", choices=CONTESTANTS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args.child, args.threads)
+
+    import importlib.util
+
+    names = [c for c in CONTESTANTS if c not in args.skip]
+    if "llama.cpp" in names and importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp: skipped (llama-cpp-python is not installed)")
+        names.remove("llama.cpp")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(args.reps):  # alternate contestants within every repetition
+        for n in names:
+            print(f"rep {rep + 1}/{args.reps}: {n} ...", flush=True)
+            r = spawn(n, args.threads)
+            if r:
+                runs[n].append(r)
+
+    keys = ["cold_start_s", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s", "peak_rss_mb", "ppl"]
+    med = {n: {k: (statistics.median(v) if (v := [r[k] for r in rs if r.get(k) is not None]) else None)
+               for k in keys} for n, rs in runs.items() if rs}
+    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF), {args.threads} threads, median of {args.reps}\n")
+    header = f"{'':22}" + "".join(f"{n:>14}" for n in med)
+    print(header)
+    fmt = {"cold_start_s": "{:.2f}", "prefill_tok_s": "{:.0f}", "decode_b1_tok_s": "{:.1f}",
+           "decode_b8_tok_s": "{:.1f}", "peak_rss_mb": "{:.0f}", "ppl": "{:.3f}"}
+    for k in keys:
+        cells = [("-" if med[n][k] is None else fmt[k].format(med[n][k])) for n in med]
+        print(f"{k:22}" + "".join(f"{c:>14}" for c in cells))
+    ratios = {}
+    if "hf" in med:
+        for n in med:
+            if n.startswith("zenlm"):
+                z, h = med[n], med["hf"]
+                ratios[f"{n}/hf"] = {
+                    "cold_start_speedup": h["cold_start_s"] / z["cold_start_s"],
+                    "prefill": z["prefill_tok_s"] / h["prefill_tok_s"],
+                    "decode_b1": z["decode_b1_tok_s"] / h["decode_b1_tok_s"],
+                    "decode_b8": z["decode_b8_tok_s"] / h["decode_b8_tok_s"]}
+    if "llama.cpp" in med:
+        for n in med:
+            if n.startswith("zenlm"):
+                ratios[f"{n}/llama.cpp"] = {"decode_b1": med[n]["decode_b1_tok_s"] / med["llama.cpp"]["decode_b1_tok_s"]}
+    if "zenlm" in med and "zenlm-int8" in med:
+        ratios["int8 perplexity change %"] = 100 * (med["zenlm-int8"]["ppl"] / med["zenlm"]["ppl"] - 1)
+    print("\nratios:")
+    for k, v in ratios.items():
+        print(f"  {k}: " + (", ".join(f"{a} {b:.2f}x" for a, b in v.items()) if isinstance(v, dict) else f"{v:+.2f}"))
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"median": med, "runs": runs, "ratios": ratios, "versions": versions(),
+                               "threads": args.threads, "reps": args.reps}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
