@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": "zenlm.cli.generate",
     "eval": "zenlm.cli.evaluate",
     "speedrun": "zenlm.cli.speedrun",
+    "export": "zenlm.cli.export",
 }
 
 
