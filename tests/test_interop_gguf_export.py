@@ -374,7 +374,7 @@ def test_smollm2_q8_0_is_close(smollm2, tmp_path):
     assert rel <= 0.05 and kl <= 0.01 and agree >= 0.95
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~20 s, and the tiny llama above checks the same reader path
 @needs_smollm2
 def test_transformers_reads_the_smollm2_export_like_the_original(smollm2, smollm2_f32):
     theirs = _transformers_from_gguf(smollm2_f32)

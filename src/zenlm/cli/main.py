@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": "zenlm.cli.evaluate",
     "speedrun": "zenlm.cli.speedrun",
     "export": "zenlm.cli.export",
+    "chat": "zenlm.cli.chat",
 }
 
 
