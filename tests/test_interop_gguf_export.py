@@ -421,3 +421,16 @@ def test_llama_cpp_tokenizes_a_zenlm_bpe_like_zenlm(loaded, tmp_path):
     for text in TEXTS + ["class A(B):\n    '''doc'''\n    x = {'k': [1, 2.5]}\n"]:
         assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == \
             loaded.tokenizer.encode_prompt(text), text
+
+
+def test_exported_files_get_ordinary_permissions(tmp_path, bpe):
+    """Files written through a temporary name (mkstemp, safetensors) are owner-only until
+    given the mode a plain open() gives: an export is meant to be read by other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    lm = LoadedModel(_tiny(**LLAMAS["gqa"]), bpe, "memory")
+    files = [zenlm.export_gguf(lm, tmp_path / "m.gguf"),
+             *(zenlm.export_hf(lm, tmp_path / "hf").iterdir())]
+    assert len(files) >= 6
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f

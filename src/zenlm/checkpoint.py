@@ -12,6 +12,7 @@ imports the training package.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -46,11 +47,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _file_mode() -> int:
+    """The mode ``open`` gives a new file (0o666 less the umask), read once: temporary files
+    (mkstemp, safetensors) are owner-only, which exported models and run folders should not be."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -73,17 +84,15 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     When the block ends without an error the file is flushed to disk and renamed over ``path``
     (so readers see the old file or the whole new one, never half of one); on an error the
     temporary file is removed and ``path`` is left as it was. The file gets the permissions a
-    plain ``open`` would give it (mkstemp's are owner-only).
+    plain ``open`` would give it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _file_mode())  # after the writer: it may have replaced the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
