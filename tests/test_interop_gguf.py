@@ -418,3 +418,37 @@ def test_smollm2_logits_and_greedy_match_transformers(smollm2, smollm2_hf):
     assert ours == theirs
     text = zenlm.generate(lm, ids, max_new_tokens=n, temperature=0.0, stop_at_eot=False)
     assert text == lm.tokenizer.decode(theirs[64:])
+
+
+GPL3 = Path("/usr/share/common-licenses/GPL-3")
+
+
+@pytest.mark.slow  # ~45 s of scoring on one thread, plus the shared transformers load
+@needs_smollm2
+def test_smollm2_perplexity_matches_transformers(smollm2, smollm2_hf):
+    """Perplexity of held-out English (the first 20,000 characters of the GPL-3) in
+    non-overlapping 512-token windows: zenlm's evaluate_text against transformers on the same
+    GGUF and the same token ids. The ids are zenlm's (SmolLM2 adds no BOS): transformers'
+    GGUF tokenizer drops SmolLM2's digit split (see above) and would score other tokens."""
+    import math
+
+    from zenlm.eval.perplexity import evaluate_text, text_windows
+
+    if not GPL3.is_file():
+        pytest.skip(f"{GPL3} is not on this machine")
+    lm = smollm2[0]
+    text = GPL3.read_text(encoding="utf-8")[:20_000]
+    ours = evaluate_text(lm.model, lm.tokenizer, text, seq_len=512, batch=4)
+    ids = lm.tokenizer.encode_prompt(text)
+    assert ids[0] != lm.tokenizer.bos_id  # SmolLM2's prompts start without a BOS
+    nats, n = 0.0, 0
+    with torch.no_grad():
+        for x, y in text_windows(ids, 512, 1):
+            logits = smollm2_hf(x).logits[0].double()
+            nats += torch.nn.functional.cross_entropy(logits, y[0], reduction="sum").item()
+            n += y.numel()
+    theirs = math.exp(nats / n)
+    print(f"\nSmolLM2 perplexity, GPL-3[:20000], {n} tokens in 512-token windows: zenlm "
+          f"{ours.perplexity:.4f}, transformers {theirs:.4f} ({ours.perplexity / theirs - 1:+.1e})")
+    assert ours.tokens == n == len(ids) - 1
+    assert abs(ours.perplexity / theirs - 1) <= 0.005

@@ -28,6 +28,15 @@ def export_hf(loaded, out_dir: str, **options):
     return _export(loaded.model, loaded.tokenizer, out_dir, **options)
 
 
+def export_gguf(loaded, path: str, **options):
+    """Write a loaded model and its tokenizer as one GGUF file that llama.cpp loads.
+
+    ``dtype``: "f32" (default, exact), "f16" or "q8_0"."""
+    from zenlm.interop.gguf_export import export_gguf as _export
+
+    return _export(loaded.model, loaded.tokenizer, path, **options)
+
+
 def generate(loaded, prompt: str, **sampling) -> str:
     """Complete ``prompt`` with a model from :func:`load`; keywords as in SamplingConfig."""
     from zenlm.errors import TokenizerError
@@ -38,4 +47,4 @@ def generate(loaded, prompt: str, **sampling) -> str:
     return _generate(loaded.model, loaded.tokenizer, prompt, **sampling)
 
 
-__all__ = ["load", "export_hf", "generate", "__version__"]
+__all__ = ["load", "export_hf", "export_gguf", "generate", "__version__"]

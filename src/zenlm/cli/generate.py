@@ -1,15 +1,23 @@
-"""`zenlm generate --run RUN --prompt "..."`: sample a completion, streamed to stdout."""
+"""`zenlm generate --model RUN_OR_MODEL --prompt "..."`: one completion (or answer), streamed.
+
+For a model whose tokenizer has a chat template the prompt is, by default, a user message: it is
+wrapped with the template and the answer stops at the end of the turn (``--raw`` completes the
+text as it is). ``--run`` is the same option as ``--model``, kept from before models could come
+from anywhere.
+"""
 
 from __future__ import annotations
 
 import sys
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="complete a prompt with a trained model")
-    p.add_argument("--run", required=True, help="a run folder written by `zenlm pretrain`")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+def add_model_arg(p) -> None:
+    p.add_argument("--model", "--run", dest="model", required=True, metavar="RUN_OR_MODEL",
+                   help="a run folder, Hugging Face folder, .gguf file, 'smollm2' or a hub id")
+
+
+def add_sampling_args(p, *, max_new_tokens: int = 128) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
     p.add_argument("--top-k", type=int)
@@ -17,20 +25,74 @@ def add_parser(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     p.add_argument("--seed", type=int)
+
+
+def sampling_config(args):
+    from zenlm.infer import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=args.max_new_tokens,
+                          temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          stop=args.stop, seed=args.seed)
+
+
+def load_for_text(source: str):
+    """``zenlm.load`` for commands that read and write text: the model must have a tokenizer."""
+    import zenlm
+    from zenlm.errors import TokenizerError
+
+    loaded = zenlm.load(source)
+    if loaded.tokenizer is None:
+        raise TokenizerError(f"{source} has no tokenizer (a folder needs tokenizer.json, or "
+                             f"vocab.json + merges.txt)")
+    return loaded
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="complete a prompt, or answer it with a chat model")
+    add_model_arg(p)
+    p.add_argument("--prompt", required=True)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="answer the prompt as a user message, with the chat template "
+                           "(the default when the model has one)")
+    mode.add_argument("--raw", dest="chat", action="store_false",
+                      help="complete the prompt text as it is, even for a chat model")
+    p.add_argument("--system", help="a system message (chat mode)")
+    p.add_argument("--show-prompt", action="store_true",
+                   help="print the prompt as the model sees it (template applied) to stderr")
+    add_sampling_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from zenlm.checkpoint import load_run
-    from zenlm.infer import SamplingConfig, stream
+    from zenlm.errors import TokenizerError
+    from zenlm.infer import stream
 
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens,
-                         temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                         stop=args.stop, seed=args.seed)
-    loaded = load_run(args.run)
-    pieces = stream(loaded.model, loaded.tokenizer, args.prompt, cfg)  # checks the prompt fits
-    sys.stdout.write(args.prompt)
+    cfg = sampling_config(args)
+    loaded = load_for_text(args.model)
+    tok = loaded.tokenizer
+    chat = bool(tok.chat_template) if args.chat is None else args.chat
+    if chat:
+        from zenlm.infer.chat import ChatSession
+
+        if not tok.chat_template:
+            raise TokenizerError(f"--chat: {args.model} has no chat template; use --raw")
+        session = ChatSession(loaded.model, tok, cfg, system=args.system)
+        pieces = session.reply(args.prompt)  # checks the prompt fits
+        if args.show_prompt:
+            from zenlm.cli.chat import show_prompt
+
+            show_prompt(session.render(), len(session.last_prompt))
+    else:
+        if args.system:
+            raise TokenizerError("--system is for chat mode (drop --raw)")
+        pieces = stream(loaded.model, tok, args.prompt, cfg)  # checks the prompt fits
+        if args.show_prompt:
+            from zenlm.cli.chat import show_prompt
+
+            show_prompt(args.prompt, len(tok.encode_prompt(args.prompt)))
+        sys.stdout.write(args.prompt)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -15,6 +15,8 @@ COMMANDS = {
     "generate": "zenlm.cli.generate",
     "eval": "zenlm.cli.evaluate",
     "speedrun": "zenlm.cli.speedrun",
+    "export": "zenlm.cli.export",
+    "chat": "zenlm.cli.chat",
 }
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +212,7 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None) -> Pa
     """
     from safetensors.torch import save_file
 
-    from zenlm.checkpoint import atomic_write_text
+    from zenlm.checkpoint import atomic_output, atomic_write_text
     from zenlm.interop.registry import hf_family_for
 
     cfg = model.config
@@ -230,12 +229,8 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None) -> Pa
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".model.safetensors.{os.getpid()}.{time.monotonic_ns()}.tmp"
-    try:
+    with atomic_output(out / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / "model.safetensors")
-    finally:
-        tmp.unlink(missing_ok=True)
     (out / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win
     atomic_write_text(out / "config.json", json.dumps(hf_config, indent=2) + "\n")
     generation = {**specials, "_from_model_config": True}
