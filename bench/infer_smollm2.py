@@ -85,6 +85,10 @@ def run_zenlm(int8: bool, threads: int) -> dict:
     out = measure(prefill, decode, first_token)
     from zenlm.eval.perplexity import evaluate_text
 
+    if int8:  # score through the int8 x int8 path that decoding uses, not the prefill fallback
+        import zenlm.infer.quantize as quantize
+
+        quantize.INT8_MAX_ROWS = 1 << 30
     out["ppl"] = evaluate_text(model, tok, PPL_TEXT.read_text()[:PPL_CHARS], seq_len=512, batch=4).perplexity
     return out
 

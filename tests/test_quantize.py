@@ -27,8 +27,9 @@ def test_quantized_model_keeps_loss_and_greedy_text(loaded, corpus_text):
 
     model = copy.deepcopy(loaded.model)
     quantize_int8(model)
-    assert isinstance(model.blocks[0].attn.q_proj, Int8Linear)
+    assert isinstance(model.blocks[0].attn.o_proj, Int8Linear) and isinstance(model.blocks[0].mlp.up_proj, Int8Linear)
     assert isinstance(model.blocks[0].mlp.down_proj, torch.nn.Linear)  # kept float by default
+    assert isinstance(model.blocks[0].attn.q_proj, torch.nn.Linear)
     text = corpus_text[:4000]
     base = evaluate_text(loaded.model, loaded.tokenizer, text, seq_len=32).loss
     quant = evaluate_text(model, loaded.tokenizer, text, seq_len=32).loss
