@@ -25,6 +25,9 @@ def add_sampling_args(p, *, max_new_tokens: int = 128) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--int8", action="store_true",
+                   help="decode with int8 weights and activations (about 2x faster on a CPU; "
+                        "costs ~1-2%% perplexity, see zenlm.infer.quantize)")
 
 
 def sampling_config(args):
@@ -36,7 +39,7 @@ def sampling_config(args):
                           stop=args.stop, seed=args.seed)
 
 
-def load_for_text(source: str):
+def load_for_text(source: str, int8: bool = False):
     """``zenlm.load`` for commands that read and write text: the model must have a tokenizer."""
     import zenlm
     from zenlm.errors import TokenizerError
@@ -45,6 +48,10 @@ def load_for_text(source: str):
     if loaded.tokenizer is None:
         raise TokenizerError(f"{source} has no tokenizer (a folder needs tokenizer.json, or "
                              f"vocab.json + merges.txt)")
+    if int8:
+        from zenlm.infer.quantize import quantize_int8
+
+        quantize_int8(loaded.model)
     return loaded
 
 
@@ -70,7 +77,7 @@ def run(args) -> int:
     from zenlm.infer import stream
 
     cfg = sampling_config(args)
-    loaded = load_for_text(args.model)
+    loaded = load_for_text(args.model, args.int8)
     tok = loaded.tokenizer
     chat = bool(tok.chat_template) if args.chat is None else args.chat
     if chat:
