@@ -15,6 +15,8 @@ COMMANDS = {
     "generate": "zenlm.cli.generate",
     "eval": "zenlm.cli.evaluate",
     "speedrun": "zenlm.cli.speedrun",
+    "finetune": "zenlm.cli.finetune",
+    "predict": "zenlm.cli.predict",
 }
 
 
