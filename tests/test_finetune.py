@@ -109,6 +109,11 @@ def test_lora_classifier_learns_and_its_run_folder_says_so(lora_run, trained_run
     assert sum(cm[i][i] for i in range(3)) / 60 == pytest.approx(summary["val"]["val_accuracy"])
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert (run / "tokenizer" / "tokenizer.json").is_file()
+    # the carved val rows travel with the run, for scoring other ways on the same examples
+    val = [json.loads(x) for x in (run / "val.jsonl").read_text().splitlines()]
+    assert len(val) == 60 and set(val[0]) == {"sentence", "label"}
+    train_rows = Path(cfg.data.train).read_text().splitlines()[1:]
+    assert all(f"{r['sentence']}\t{r['label']}" in train_rows for r in val)
 
 
 def test_a_finished_run_loads_and_reproduces_its_val_accuracy(lora_run):
@@ -368,3 +373,31 @@ def test_chat_data_errors_are_one_line(tmp_path, trained_run):
     pairs.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     with pytest.raises(DataError, match="no 'messages' list"):
         ChatTask(chat_cfg(tmp_path, trained_run, pairs), zenlm.load(str(trained_run)), quiet)
+
+
+def test_finetune_under_torchrun_shards_the_data(tmp_path, trained_run, toy_train):
+    """Two real processes (gloo): each rank trains on its half of every epoch, rank 0 writes."""
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "zenlm.cli.main", "finetune", "classify", "--model", str(trained_run),
+           "--train", str(toy_train), "--text-col", "sentence", "--out", str(run), "--max-steps", "4",
+           "--set", "train.progress=false", "--set", "train.device=cpu", "--set", "train.log_every=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cli_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("2 process(es) on cpu") == 1 and proc.stdout.count("done: ") == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 4
+    steps = [r["step"] for r in records(run) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    _, state, _ = load_checkpoint(latest_checkpoint(run))
+    assert state["task"] == [{"epoch": 0, "pos": 4}, {"epoch": 0, "pos": 4}]  # each rank's position
+    from zenlm.data.batching import BucketSampler
+
+    lengths = list(range(540))
+    halves = [BucketSampler(lengths, 16, seed=3, rank=r, world=2).epoch_batches(0) for r in (0, 1)]
+    assert not {i for b in halves[0] for i in b} & {i for b in halves[1] for i in b}

@@ -162,3 +162,38 @@ def test_a_finetune_runs_adapter_loads_in_peft(tmp_path, trained_run):
         theirs = theirs_model(input_ids=x, attention_mask=mask).logits
     assert torch.allclose(ours, theirs, atol=1e-4)
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+def test_gpt2_family_classifier_exports_merged_and_refuses_peft_adapters(tmp_path, prepared):
+    """A GPT-2-family model from `zenlm pretrain`: LoRA fine-tune, then the merged export loads
+    as GPT2ForSequenceClassification with the same logits. PEFT adapters for GPT-2's fused
+    c_attn are refused by name, and the run says so instead of failing."""
+    from transformers import AutoModelForSequenceClassification
+
+    from helpers import run_config
+    from test_finetune import toy_rows, write_tsv
+    from zenlm.train.finetune import finetune, resolve_finetune
+    from zenlm.train.loop import pretrain
+
+    base = tmp_path / "gpt2"
+    pretrain(run_config(prepared, base, {"family": "gpt2", "n_kv_head": None}, max_steps=3),
+             log=lambda *a, **k: None)
+    train = write_tsv(tmp_path / "train.tsv", toy_rows(100, seed=4))
+    cfg = resolve_finetune({"task": "classify", "base": str(base),
+                            "data": {"train": str(train), "text_col": "sentence"},
+                            "lora": {"targets": ["q", "v", "o", "up"]},
+                            "train": {"out_dir": str(tmp_path / "run"), "max_steps": 4, "lr": 1e-2,
+                                      "progress": False, "device": "cpu"}})
+    lines = []
+    summary = finetune(cfg, zenlm.load(str(base)), log=lines.append)
+    assert "adapter" not in summary
+    assert any("adapter not written" in line and "gpt2" in line for line in lines)
+    lm = zenlm.load(str(tmp_path / "run"))
+    zenlm.export_hf(lm, str(tmp_path / "hf"))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == \
+        ["GPT2ForSequenceClassification"]
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    x, lengths = batch(lm.tokenizer.vocab_size)
+    mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=x, attention_mask=mask).logits, lm.model(x, lengths), atol=1e-4)

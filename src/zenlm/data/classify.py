@@ -82,13 +82,15 @@ def carve_val(n: int, fraction: float, max_rows: int | None, seed: int) -> tuple
 
 
 def encode_texts(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
-    """Token ids of each text (with the BOS where the model's prompts start with one), cut
-    to ``max_len``; a text with no tokens becomes one end-of-text token, so every row has a
+    """Token ids of each stripped text (with the BOS where the model's prompts start with one),
+    cut to ``max_len``; a text with no tokens becomes one end-of-text token, so every row has a
     last token to pool."""
     out = []
     filler = tokenizer.eot_id if tokenizer.eot_id is not None else 0
     bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
-    for ids in tokenizer.encode_batch(texts):
+    # Whitespace around a text is formatting (GLUE's sentences end in a space), and the last
+    # token is what a decoder's head reads: it must be the text's own.
+    for ids in tokenizer.encode_batch([t.strip() for t in texts]):
         ids = (bos + ids)[:max_len]
         out.append(ids or [filler])
     return out

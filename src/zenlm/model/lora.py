@@ -37,7 +37,7 @@ TARGET_ALIASES: dict[str, tuple[str, ...]] = {
 class LoRAConfig:
     r: int = 8
     alpha: float = 16.0
-    dropout: float = 0.05
+    dropout: float = 0.0  # PEFT's default; a fine-tune of under an epoch has nothing to overfit
     # module names (q_proj, ..., down_proj) or short forms: q k v o gate up down, attn, mlp, all
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
 
@@ -89,7 +89,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # scale the rank-r tensor, not the (.., out) one: the same sum, r/out of the work
+        return y + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
 
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``weight + delta`` (this module is left unchanged)."""

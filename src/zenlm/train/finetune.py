@@ -214,6 +214,7 @@ class ClassifyTask(_FinetuneTask):
         self.labels = label_names(train.labels)
         if len(self.labels) < 2:
             raise DataError(f"{d.train} has a single label ({self.labels[0]}): nothing to classify")
+        self.val_rows = val
         self.train_y = label_ids(train.labels, self.labels, train.source)
         self.val_y = label_ids(val.labels, self.labels, val.source)
         self.train_ids = encode_texts(self.tokenizer, train.texts, self.max_len)
@@ -222,6 +223,16 @@ class ClassifyTask(_FinetuneTask):
         self.class_weights = None if w is None else torch.tensor(w, dtype=torch.float32)
         self.confusion: list[list[int]] | None = None
         self.sampler = None
+
+    def save_files(self, run: Path) -> None:
+        """The tokenizer, and the val rows as JSONL, so zero-shot, few-shot and fine-tuned
+        scores can be compared on the very same examples (``zenlm eval --data RUN/val.jsonl``)."""
+        from zenlm.data.tables import write_table
+
+        super().save_files(run)
+        d = self.cfg.data
+        rows = [{d.text_col: t, d.label_col: y} for t, y in zip(self.val_rows.texts, self.val_rows.labels)]
+        write_table(run / "val.jsonl", [d.text_col, d.label_col], rows)
 
     def describe(self) -> str:
         n_tok = sum(len(r) for r in self.train_ids)
@@ -409,7 +420,8 @@ TASKS = {"classify": ClassifyTask, "chat": ChatTask}
 
 def finetune(cfg: FinetuneConfig, base, *, resume: bool = False, log=print) -> dict:
     """Fine-tune ``base`` (a LoadedModel, e.g. from ``zenlm.load``) as ``cfg`` says; returns
-    the run's summary."""
+    the run's summary. ``base.model`` is adapted and trained in place (no copy of the weights
+    is made); load the run with ``zenlm.load(run)`` afterwards."""
     from zenlm.train.loop import train
 
     task = TASKS[cfg.task](cfg, base, log)

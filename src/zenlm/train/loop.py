@@ -299,12 +299,14 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
         if world.is_main and (last_eval is None or last_eval["step"] != step) and step > 0:
             last_eval = evaluate()
             track_best(last_eval)
-        if world.is_main and tc.early_stop_patience and best_weights is not None \
-                and best["step"] != step:
-            task.load_weights(model, best_weights)  # the run ends with its best weights
-            log(f"restored the weights of step {best['step']} (best {metric} {best['value']:.4f})")
-            last_eval = {**evaluate(), "restored_from_step": best["step"]}
+        if tc.early_stop_patience:
+            # only rank 0 knows the best weights: every rank writes the final checkpoint (a
+            # collective) whether or not rank 0 restores them
             saved_at = -1
+            if world.is_main and best_weights is not None and best["step"] != step:
+                task.load_weights(model, best_weights)  # the run ends with its best weights
+                log(f"restored the weights of step {best['step']} (best {metric} {best['value']:.4f})")
+                last_eval = {**evaluate(), "restored_from_step": best["step"]}
         if saved_at != step and step > 0:
             checkpoint()
 
