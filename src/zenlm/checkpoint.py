@@ -224,6 +224,19 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "config.yaml").is_file() and (Path(path) / CKPT_DIR).is_dir()
 
 
+def is_finetune_run(path: str | os.PathLike) -> bool:
+    """A run of ``zenlm finetune`` (its config names a task and a base model to load)."""
+    import yaml
+
+    if not is_run_dir(path):
+        return False
+    try:
+        config = yaml.safe_load((Path(path) / "config.yaml").read_text())
+    except (yaml.YAMLError, OSError):
+        return False
+    return isinstance(config, dict) and "task" in config and "base" in config
+
+
 def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     """The latest checkpoint of a run folder, as an eval-mode model with its tokenizer."""
     from zenlm.config import TransformerConfig, build
@@ -235,6 +248,9 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         raise CheckpointError(f"run folder not found: {run}")
     if not is_run_dir(run):
         raise CheckpointError(f"{run} is not a zenlm run folder (no config.yaml and checkpoints/)")
+    if is_finetune_run(run):
+        raise CheckpointError(f"{run} is a fine-tuned run on top of a base model: load it with "
+                              f"zenlm.load({str(run)!r})")
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise CheckpointError(f"run {run} has no finished checkpoint yet")

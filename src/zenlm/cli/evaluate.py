@@ -1,7 +1,13 @@
-"""`zenlm eval --model RUN_OR_MODEL --data FILE`: loss, perplexity and bits-per-byte of a text file.
+"""`zenlm eval`: perplexity of a text file, multiple-choice accuracy, or classification accuracy.
 
-The text is scored as one document (with the BOS first where the model's prompts start with one)
-in non-overlapping windows of the model's context, or of ``--seq-len`` tokens.
+- ``--task ppl`` (default): loss, perplexity and bits-per-byte of a UTF-8 text file, scored as
+  one document (BOS first where the model's prompts start with one) in non-overlapping windows
+  of the model's context or of ``--seq-len`` tokens.
+- ``--task choice``: JSONL rows ``{"context", "choices", "gold"}`` scored by log-likelihood;
+  ``--train FILE --shots K`` puts K solved examples in front; raw and length-normalised accuracy.
+- ``--task classify``: a labelled table. A classifier from ``zenlm finetune classify`` uses its
+  head; any other model is prompted zero-shot or few-shot (``--shots K`` from ``--train``) and
+  the label words (``--labels 0=negative,1=positive``) are scored by log-likelihood.
 """
 
 from __future__ import annotations
@@ -9,21 +15,58 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from zenlm.cli.generate import add_model_arg, load_for_text
-
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a text file")
-    add_model_arg(p)
-    p.add_argument("--data", required=True, help="a UTF-8 text file")
-    p.add_argument("--seq-len", type=int, help="tokens per window (default: the model's context)")
+    p = sub.add_parser("eval", help="perplexity, multiple-choice or classification accuracy of a model")
+    p.add_argument("--run", "--model", dest="model", required=True,
+                   help="a run folder, Hugging Face folder, .gguf file, smollm2 or hub id")
+    p.add_argument("--data", required=True, help="text file (ppl), JSONL (choice) or TSV/CSV/JSONL (classify)")
+    p.add_argument("--task", choices=["ppl", "choice", "classify"], default="ppl")
+    p.add_argument("--seq-len", type=int, help="ppl: tokens per window (default: the model's context)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    g = p.add_argument_group("choice and classify")
+    g.add_argument("--train", help="file to draw few-shot examples from")
+    g.add_argument("--shots", type=int, default=0, help="examples put in front of each prompt (default 0)")
+    g.add_argument("--seed", type=int, default=0, help="seed for drawing shots and --limit rows")
+    g.add_argument("--limit", type=int, help="score a random subsample of N rows")
+    g = p.add_argument_group("classify")
+    g.add_argument("--text-col", default="text")
+    g.add_argument("--label-col", default="label")
+    g.add_argument("--labels", help="label words for prompting: 0=negative,1=positive (default: the labels)")
+    g.add_argument("--prompt", help="prompt template with {text} (default: 'Text: {text}\\nLabel:' for "
+                                    "base models, '{text}' as the user turn for chat models)")
+    g.add_argument("--instruction", help="instruction before the examples (chat: the system message)")
+    g.add_argument("--chat", choices=["auto", "yes", "no"], default="auto",
+                   help="prompt through the chat template (auto: when the model has one)")
+    g.add_argument("--confusion", help="write the confusion matrix to this PNG")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from zenlm.errors import ConfigError, DataError
+    import zenlm
+
+    loaded = zenlm.load(args.model)
+    if args.task == "ppl":
+        res = _ppl(args, loaded)
+        text = (f"tokens {res['tokens']:,}  bytes {res['bytes']:,}\nloss {res['loss']:.4f}  "
+                f"perplexity {res['perplexity']:.3f}  bits/byte {res['bpb']:.4f}")
+    elif args.task == "choice":
+        res = _choice(args, loaded)
+        text = (f"{res['n']} items, {args.shots}-shot: accuracy {res['accuracy']:.4f}  "
+                f"length-normalised {res['accuracy_norm']:.4f}")
+    else:
+        res = _classify(args, loaded)
+        text = (f"{res['n']} examples ({res['mode']}): accuracy {res['accuracy']:.4f}  "
+                f"macro-F1 {res['macro_f1']:.4f}")
+        if "accuracy_norm" in res:
+            text += f"  length-normalised accuracy {res['accuracy_norm']:.4f}"
+    print(json.dumps(res) if args.json else text)
+    return 0
+
+
+def _ppl(args, loaded) -> dict:
+    from zenlm.errors import DataError
     from zenlm.eval.perplexity import evaluate_text
 
     path = Path(args.data)
@@ -33,14 +76,106 @@ def run(args) -> int:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text") from None
+    _need_lm(loaded, "ppl")
     if args.seq_len is not None and args.seq_len < 1:
+        from zenlm.errors import ConfigError
+
         raise ConfigError("--seq-len must be at least 1")
-    loaded = load_for_text(args.model)
-    seq_len = min(args.seq_len or loaded.model.config.max_seq_len, loaded.model.config.max_seq_len)
-    res = evaluate_text(loaded.model, loaded.tokenizer, text, seq_len=seq_len, batch=args.batch_size)
-    if args.json:
-        print(json.dumps(res.as_dict()))
+    context = loaded.model.config.max_seq_len
+    seq_len = min(args.seq_len or context, context)
+    return evaluate_text(loaded.model, loaded.tokenizer, text, seq_len=seq_len, batch=args.batch_size).as_dict()
+
+
+def _need_lm(loaded, task: str) -> None:
+    from zenlm.errors import ConfigError
+
+    if hasattr(loaded.model, "labels"):
+        raise ConfigError(f"{loaded.source} is a classifier; --task {task} needs a language model "
+                          f"(its base, or --task classify)")
+    if loaded.tokenizer is None:
+        raise ConfigError(f"{loaded.source} has no tokenizer")
+
+
+def _subsample(rows: list, limit: int | None, seed: int) -> list:
+    import random
+
+    if not limit or limit >= len(rows):
+        return rows
+    keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
+    return [rows[i] for i in keep]
+
+
+def _choice(args, loaded) -> dict:
+    from zenlm.eval.choice import draw, multiple_choice, read_choice_file
+
+    _need_lm(loaded, "choice")
+    if args.shots and not args.train:
+        from zenlm.errors import ConfigError
+
+        raise ConfigError("--shots needs --train FILE to draw the examples from")
+    rows = _subsample(read_choice_file(args.data), args.limit, args.seed)
+    shots = draw(read_choice_file(args.train), args.shots, args.seed) if args.shots else []
+    res = multiple_choice(loaded.model, loaded.tokenizer, rows, shots, batch_size=args.batch_size)
+    return {**res.as_dict(), "shots": args.shots}
+
+
+def _classify(args, loaded) -> dict:
+    from zenlm.data.classify import label_ids, label_names, read_labelled
+    from zenlm.errors import ConfigError, DataError
+    from zenlm.eval.classify import classify_texts, score
+
+    data = read_labelled(args.data, args.text_col, args.label_col)
+    keep = _subsample(list(range(len(data))), args.limit, args.seed)
+    data = data.subset(keep)
+    model, tok = loaded.model, loaded.tokenizer
+    if hasattr(model, "labels"):  # a fine-tuned classifier: its head decides
+        labels = model.labels
+        gold = label_ids(data.labels, labels, data.source)
+        probs = classify_texts(model, tok, data.texts, batch_size=args.batch_size)
+        res = score(gold, probs.argmax(-1).tolist(), labels)
+        mode = "fine-tuned head"
+        out = res.as_dict()
     else:
-        print(f"tokens {res.tokens:,}  bytes {res.bytes:,}\nloss {res.loss:.4f}  "
-              f"perplexity {res.perplexity:.3f}  bits/byte {res.bits_per_byte:.4f}")
-    return 0
+        from zenlm.eval.choice import draw, prompt_classify
+
+        _need_lm(loaded, "classify")
+        words = _label_words(args.labels)
+        labels = list(words) if words else label_names(data.labels)
+        gold = label_ids(data.labels, labels, data.source)
+        shots = []
+        if args.shots:
+            if not args.train:
+                raise ConfigError("--shots needs --train FILE to draw the examples from")
+            pool = read_labelled(args.train, args.text_col, args.label_col)
+            pool_y = label_ids(pool.labels, labels, pool.source)
+            picked = draw(list(range(len(pool))), args.shots, args.seed, key=lambda i: pool_y[i])
+            shots = [(pool.texts[i], pool_y[i]) for i in picked]
+        chat = {"yes": True, "no": False}.get(args.chat, bool(tok.chat_template))
+        if chat and not tok.chat_template:
+            raise DataError(f"{loaded.source} has no chat template (use --chat no)")
+        res, acc_norm = prompt_classify(model, tok, data.texts, gold, labels,
+                                        [words.get(label, label) for label in labels], shots,
+                                        chat=chat, template=args.prompt, instruction=args.instruction,
+                                        batch_size=args.batch_size)
+        mode = f"{args.shots}-shot {'chat' if chat else 'base'} prompt"
+        out = {**res.as_dict(), "accuracy_norm": acc_norm}
+    if args.confusion:
+        from zenlm.explain.plots import plot_confusion
+
+        plot_confusion(res.confusion, res.labels, args.confusion, title=f"{Path(args.data).name}: {mode}")
+    return {**out, "mode": mode}
+
+
+def _label_words(spec: str | None) -> dict[str, str]:
+    """``0=negative,1=positive`` -> {"0": "negative", "1": "positive"}, in the order given."""
+    from zenlm.errors import ConfigError
+
+    if not spec:
+        return {}
+    out = {}
+    for part in spec.split(","):
+        if "=" not in part:
+            raise ConfigError(f"--labels expects label=word pairs, got {part!r}")
+        label, word = part.split("=", 1)
+        out[label.strip()] = word.strip()
+    return out

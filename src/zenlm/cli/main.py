@@ -17,6 +17,8 @@ COMMANDS = {
     "speedrun": "zenlm.cli.speedrun",
     "export": "zenlm.cli.export",
     "chat": "zenlm.cli.chat",
+    "finetune": "zenlm.cli.finetune",
+    "predict": "zenlm.cli.predict",
 }
 
 

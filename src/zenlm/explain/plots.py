@@ -44,7 +44,15 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "") -
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return _save(fig, png_path)
+
+
+def _save(fig, png_path: str | Path) -> Path:
+    """Save a figure atomically (temp file, then rename) and free it."""
+    import matplotlib.pyplot as plt
+
     png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{png_path.name}.", suffix=".png", dir=png_path.parent)
     os.close(fd)
     try:
@@ -54,3 +62,34 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "") -
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
     return png_path
+
+
+def plot_confusion(confusion: list[list[int]], labels: list[str], png_path: str | Path,
+                   title: str = "") -> Path:
+    """A confusion matrix (rows: true class, columns: predicted) with counts in the cells and
+    colour by the share of each true class, so rare classes are as readable as common ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.asarray(confusion, dtype=np.int64)
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    n = len(labels)
+    size = min(2.5 + 0.6 * n, 14)
+    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=110)
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(n), labels, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=9,
+                        color="white" if share[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, png_path)

@@ -208,22 +208,32 @@ def fetch_hub(repo_id: str, revision: str | None = None) -> Path:
 def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None) -> Path:
     """Write ``model`` (and ``tokenizer``, if given) as a Hugging Face folder.
 
-    Each file is written atomically (a crash leaves every file whole, old or new).
+    A model with LoRA adapters is written merged; a classifier (``model/heads.py``) is written
+    as the family's ``*ForSequenceClassification``. Each file is written atomically (a crash
+    leaves every file whole, old or new).
     """
     from safetensors.torch import save_file
 
     from zenlm.checkpoint import atomic_output, atomic_write_text
     from zenlm.interop.registry import hf_family_for
 
+    from zenlm.model.lora import merged_state_dict
+
+    classifier = model if hasattr(model, "backbone") else None  # a Classifier (model/heads.py)
+    if classifier is not None:
+        model = classifier.backbone
     cfg = model.config
     family = hf_family_for(cfg)
     torch_dtype = _dtype(dtype)
     hf_config = family.config_to_hf(cfg)
-    state = family.weights_to_hf(model.state_dict(), cfg)
-    state = {k: v.detach().to("cpu", torch_dtype).contiguous().clone() for k, v in state.items()}
+    # LoRA adapters are folded into the weights they adapt: the export is a plain model
+    state = family.weights_to_hf(merged_state_dict(model), cfg)
     specials = {"bos_token_id": None, "eos_token_id": None}  # stated, or transformers guesses
     if tokenizer is not None:
         specials = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id}
+    if classifier is not None:
+        _as_sequence_classifier(classifier, hf_config, state, specials)
+    state = {k: v.detach().to("cpu", torch_dtype).contiguous().clone() for k, v in state.items()}
     dtype_name = str(torch_dtype).removeprefix("torch.")
     hf_config.update(specials, torch_dtype=dtype_name, dtype=dtype_name, use_cache=True)
 
@@ -238,3 +248,24 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None) -> Pa
     if tokenizer is not None:
         tokenizer.save_hf_folder(out)
     return out
+
+
+def _as_sequence_classifier(classifier, hf_config: dict, state: dict, specials: dict) -> None:
+    """Turn a causal-LM export into the family's sequence classifier: the LM head gives way to
+    ``score`` and the config names the labels. Hugging Face pools the last token that is not
+    the pad token, which is zenlm's ``last`` pooling when padding uses ``pad_token_id``."""
+    from zenlm.errors import UnsupportedArchitectureError
+
+    if classifier.head.pooling != "last":
+        raise UnsupportedArchitectureError(
+            f"Hugging Face sequence classifiers pool the last token; this one pools "
+            f"{classifier.head.pooling!r}")
+    arch = hf_config["architectures"][0]
+    hf_config["architectures"] = [arch.replace("ForCausalLM", "ForSequenceClassification")
+                                  .replace("LMHeadModel", "ForSequenceClassification")]
+    labels = classifier.labels
+    hf_config.update(num_labels=len(labels), id2label={str(i): l for i, l in enumerate(labels)},
+                     label2id={l: i for i, l in enumerate(labels)},
+                     pad_token_id=specials.get("eos_token_id") or 0)
+    state.pop("lm_head.weight", None)
+    state["score.weight"] = classifier.head.score.weight

@@ -80,8 +80,10 @@ def load(path_or_id: str | os.PathLike, *, device: str = "cpu", dtype=None,
     """
     kind, where = resolve(path_or_id)
     if kind == "run":
-        from zenlm.checkpoint import load_run
+        from zenlm.checkpoint import is_finetune_run, load_run
 
+        if is_finetune_run(where):
+            return load_finetuned(where, device=device, dtype=dtype)
         return load_run(where, device=device)
     if kind == "gguf":
         from zenlm.interop.gguf import load_gguf
@@ -93,3 +95,42 @@ def load(path_or_id: str | os.PathLike, *, device: str = "cpu", dtype=None,
     folder = fetch_hub(str(where)) if kind == "hub" else where
     return load_hf_folder(folder, device=device, dtype=dtype, max_seq_len=max_seq_len,
                           source=str(path_or_id))
+
+
+def load_finetuned(run: str | os.PathLike, *, device: str = "cpu", dtype=None):
+    """A fine-tuned run: its base model (loaded as the run's config names it), adapted the same
+    way (head, LoRA) and given the trained tensors of the latest checkpoint. LoRA adapters stay
+    separate modules; :func:`zenlm.export_hf` writes them merged."""
+    import yaml
+
+    from zenlm.checkpoint import LoadedModel, latest_checkpoint, load_checkpoint
+    from zenlm.config import build
+    from zenlm.errors import CheckpointError
+    from zenlm.model.adapt import adapt
+    from zenlm.model.lora import LoRAConfig
+    from zenlm.tokenizer import Tokenizer
+
+    run = Path(run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise CheckpointError(f"run {run} has no finished checkpoint yet")
+    weights, _, meta = load_checkpoint(ckpt, with_state=False)
+    base = load(cfg["base"], device=device, dtype=dtype)
+    f = cfg.get("finetune") or {}
+    model = adapt(base.model, task=cfg["task"], labels=cfg.get("labels"),
+                  pooling=f.get("pooling", "auto"), method=f.get("method", "lora"),
+                  lora=build(LoRAConfig, cfg.get("lora") or {}, prefix="lora."),
+                  freeze_embeddings=f.get("freeze_embeddings", False),
+                  freeze_layers=f.get("freeze_layers", 0))
+    expected = set(model.state_dict())
+    unexpected = sorted(set(weights) - expected)
+    if unexpected:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit its base {cfg['base']} "
+                              f"(unexpected {unexpected[:3]})")
+    model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)
+    model.to(device).requires_grad_(False)
+    model.eval()
+    tokenizer = (Tokenizer.from_hf_folder(run / "tokenizer") if (run / "tokenizer").is_dir()
+                 else base.tokenizer)
+    return LoadedModel(model, tokenizer, str(run), meta["step"])

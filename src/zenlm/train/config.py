@@ -44,6 +44,11 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_last: int = 2
     progress: bool = True
+    eval_at_start: bool = False  # evaluate before the first step (what fine-tuning starts from)
+    # stop after this many evaluations without improvement of the metric (0: never), then
+    # restore the best weights; the metric is the task's own (val_loss, val_accuracy) unless set
+    early_stop_patience: int = 0
+    early_stop_metric: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_minutes is None:

@@ -1,9 +1,11 @@
-"""The one training loop: pretraining today, fine-tuning tomorrow, under one process or torchrun.
+"""The one training loop: pretraining and fine-tuning alike, under one process or torchrun.
 
-It owns the things every run needs and that are easy to get subtly wrong: the LR schedule fitted
+What is trained comes from a :class:`~zenlm.train.task.Task` (model, batches, loss,
+evaluation); the loop owns the things every run needs and that are easy to get subtly wrong: the LR schedule fitted
 to a step count or a wall-clock budget, gradient accumulation without needless DDP syncs,
 clipping, checkpoints a crash cannot corrupt, exact resumption (optimizer, schedule, RNG and data
-position are all restored), metrics as JSONL, a progress bar and a loss-curve PNG.
+position are all restored), early stopping on a val metric, metrics as JSONL, a progress bar
+and a loss-curve PNG.
 """
 
 from __future__ import annotations
@@ -18,14 +20,11 @@ from pathlib import Path
 import torch
 
 from zenlm.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
-from zenlm.data.loader import TokenShards
 from zenlm.errors import CheckpointError, ConfigError
-from zenlm.eval.perplexity import evaluate_batches
-from zenlm.model import Transformer
-from zenlm.tokenizer import Tokenizer
-from zenlm.train.config import RunConfig
+from zenlm.train.config import RunConfig, TrainConfig
 from zenlm.train.distributed import World, gather_objects, mean_across, setup, teardown
 from zenlm.train.optim import lr_at, make_adamw
+from zenlm.train.task import Task
 
 
 class StopRequest:
@@ -79,55 +78,63 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def pretrain(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
     """Train ``cfg.model`` on ``cfg.data``; returns a summary (also in the run folder)."""
+    from zenlm.train.task import LMTask
+
     world = setup(cfg.train.device)
     try:
-        return _run(cfg, world, resume, log if world.is_main else (lambda *a, **k: None))
+        quiet = log if world.is_main else (lambda *a, **k: None)
+        return _run(LMTask(cfg), cfg.train, world, resume, quiet)
     finally:
         teardown(world)
 
 
-def _run(cfg: RunConfig, world: World, resume: bool, log) -> dict:
-    tc = cfg.train
-    run = Path(tc.out_dir)
-    data = TokenShards(cfg.data.path) if cfg.data.path else None
-    if data is None:
-        raise ConfigError("data.path is not set: point it at a folder written by `zenlm prepare`")
-    tokenizer = Tokenizer.load(data.dir / "tokenizer.json")
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size}")
-    seq_len = tc.seq_len or cfg.model.max_seq_len
-    if seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"train.seq_len={seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+def train(task: Task, tc: TrainConfig, *, resume: bool = False, log=print) -> dict:
+    """Train any task (classification, chat SFT, ...) with the same loop as pretraining."""
+    world = setup(tc.device)
+    try:
+        return _run(task, tc, world, resume, log if world.is_main else (lambda *a, **k: None))
+    finally:
+        teardown(world)
 
+
+def _minimize(metric: str) -> bool:
+    return metric.endswith(("loss", "ppl", "bpb"))
+
+
+def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
+    run = Path(tc.out_dir)
     ckpt = latest_checkpoint(run)
     if resume and ckpt is None:
         raise CheckpointError(f"nothing to resume: {run} has no finished checkpoint")
     if not resume and ckpt is not None:
         raise CheckpointError(f"{run} already holds a run; pass --resume to continue it, "
                               f"or set train.out_dir to a new folder")
-    config_dict = asdict(cfg)
     metrics_path = run / "metrics.jsonl"
+    device = world.device
+    torch.manual_seed(tc.seed)
+    model = task.build(world)
+    groups = task.param_groups(model, tc)
+    optimizer = make_adamw(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, device,
+                           groups=groups)
+    config_dict = task.config_dict()
     if world.is_main:
         run.mkdir(parents=True, exist_ok=True)
         import yaml
 
         atomic_write_text(run / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
-        tokenizer.save(run / "tokenizer.json")
+        task.save_files(run)
 
-    device = world.device
-    torch.manual_seed(tc.seed)
-    model = Transformer(cfg.model).to(device)
-    model.activation_checkpointing = tc.activation_checkpointing
-    optimizer = make_adamw(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, device)
     gen = torch.Generator()
     gen.manual_seed(tc.seed + 1000 * world.rank)
     step, tokens, elapsed_before = 0, 0, 0.0
+    metric = tc.early_stop_metric or task.metric
+    best: dict = {"metric": metric, "value": None, "step": None, "bad_evals": 0}
+    best_weights: dict | None = None
     if resume:
         weights, state, _ = load_checkpoint(ckpt)
         if state is None:
             raise CheckpointError(f"checkpoint {ckpt} has no training state (state.pt) to resume from")
-        model.load_state_dict(weights)
+        task.load_weights(model, weights)
         optimizer.load_state_dict(state["optimizer"])
         if len(state["data_rng"]) != world.size:
             raise CheckpointError(f"{run} was trained with {len(state['data_rng'])} processes; "
@@ -135,13 +142,21 @@ def _run(cfg: RunConfig, world: World, resume: bool, log) -> dict:
         gen.set_state(state["data_rng"][world.rank])
         torch.set_rng_state(state["torch_rng"])
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        task.load_state_dict((state.get("task") or [{}] * world.size)[world.rank])
+        best.update(state.get("best") or {})
+        best_weights = state.get("best_weights")
         if world.is_main:
             _truncate_metrics(metrics_path, step)
         log(f"resuming {run} from step {step} ({tokens:,} tokens)")
 
-    n_params, n_non_emb = model.num_params(), model.num_params(non_embedding=True)
-    log(f"model: {n_params / 1e6:.2f}M parameters ({n_non_emb / 1e6:.2f}M non-embedding); "
-        f"{world.size} process(es) on {device}, {torch.get_num_threads()} threads each")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_emb = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("tok_emb.weight", "pos_emb.weight")))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = "" if n_train == n_params else f"; {n_train / 1e6:.3f}M trainable"
+    log(f"model: {n_params / 1e6:.2f}M parameters ({(n_params - n_emb) / 1e6:.2f}M non-embedding"
+        f"{trainable}); {world.size} process(es) on {device}, {torch.get_num_threads()} threads each")
+    if (about := task.describe()) is not None:
+        log(about)
     train_model = torch.compile(model) if tc.compile else model
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -150,8 +165,6 @@ def _run(cfg: RunConfig, world: World, resume: bool, log) -> dict:
 
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=tc.dtype == "bf16")
-    tokens_per_step = tc.batch_size * seq_len * tc.grad_accum * world.size
-    token_bytes = tokenizer.token_byte_lengths()
     metrics = open(metrics_path, "a") if world.is_main else None
 
     def emit(record: dict) -> None:
@@ -160,20 +173,45 @@ def _run(cfg: RunConfig, world: World, resume: bool, log) -> dict:
             metrics.flush()
 
     def evaluate() -> dict:
-        res = evaluate_batches(model, data.val_batches(tc.batch_size, seq_len, tc.eval_batches),
-                               token_bytes, device)
-        rec = {"step": step, "tokens": tokens, "val_loss": res.loss, "val_ppl": res.perplexity,
-               "val_bpb": res.bits_per_byte}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            res = task.evaluate(model)
+        model.train(was_training)
+        rec = {"step": step, "tokens": tokens, **res}
         emit(rec)
         return rec
 
+    def track_best(rec: dict) -> bool:
+        """Update the best value of the early-stopping metric; True when patience ran out."""
+        nonlocal best_weights
+        if not tc.early_stop_patience:
+            return False
+        if metric not in rec:
+            raise ConfigError(f"train.early_stop_metric={metric!r} is not among the evaluation's "
+                              f"metrics ({', '.join(k for k in rec if k.startswith('val_'))})")
+        value = rec[metric]
+        better = best["value"] is None or (value < best["value"] if _minimize(metric) else value > best["value"])
+        if better:
+            best.update(value=value, step=rec["step"], bad_evals=0)
+            best_weights = {k: v.detach().to("cpu", copy=True)
+                            for k, v in task.checkpoint_weights(model).items()}
+        else:
+            best["bad_evals"] += 1
+        return best["bad_evals"] >= tc.early_stop_patience
+
     def checkpoint() -> None:
         rngs = gather_objects(world, gen.get_state())
+        task_states = gather_objects(world, task.state_dict())
         if world.is_main:
             state = {"optimizer": optimizer.state_dict(), "step": step, "tokens": tokens,
                      "elapsed": elapsed_before + time.time() - t_start, "data_rng": rngs,
-                     "torch_rng": torch.get_rng_state()}
-            save_checkpoint(run, step, model.state_dict(), state, config_dict, keep_last=tc.keep_last)
+                     "torch_rng": torch.get_rng_state(), "task": task_states}
+            if tc.early_stop_patience:
+                state["best"] = dict(best)
+                state["best_weights"] = best_weights
+            save_checkpoint(run, step, task.checkpoint_weights(model), state, config_dict,
+                            keep_last=tc.keep_last)
 
     def progress_of(elapsed: float) -> float:
         p = step / tc.max_steps if tc.max_steps else 0.0
@@ -181,13 +219,18 @@ def _run(cfg: RunConfig, world: World, resume: bool, log) -> dict:
             p = max(p, elapsed / (tc.max_minutes * 60))
         return p
 
+    last_eval = None
+    patience_out = False
+    if tc.eval_at_start and step == 0 and world.is_main:
+        last_eval = evaluate()
+        patience_out = track_best(last_eval)
+        log(task.eval_line(last_eval))
     bar = None
     if world.is_main and tc.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=tc.max_steps, initial=step, unit="step", dynamic_ncols=True,
                    disable=None, leave=True)
-    last_eval = None
     t_start = time.time()
     t_log, tokens_log = t_start, tokens
     saved_at = step if resume else -1
@@ -195,7 +238,7 @@ def _run(cfg: RunConfig, world: World, resume: bool, log) -> dict:
     with StopRequest() as stop, (metrics or contextlib.nullcontext()):
         while True:
             elapsed = elapsed_before + time.time() - t_start
-            progress, stopping = _sync_progress(world, progress_of(elapsed), stop.requested)
+            progress, stopping = _sync_progress(world, progress_of(elapsed), stop.requested or patience_out)
             if progress >= 1.0 or stopping:
                 break
             lr = lr_at(progress, step, lr=tc.lr, min_lr_ratio=tc.min_lr_ratio,
@@ -204,24 +247,26 @@ def _run(cfg: RunConfig, world: World, resume: bool, log) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), device=device)
+            step_tokens = 0
             for micro in range(tc.grad_accum):
-                x, y = data.train_batch(tc.batch_size, seq_len, gen)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                batch = task.to_device(task.train_batch(gen), device)
+                step_tokens += task.batch_tokens(batch)
                 # Only the last micro-batch all-reduces gradients under DDP.
                 sync = contextlib.nullcontext()
                 if world.distributed and micro < tc.grad_accum - 1:
                     sync = train_model.no_sync()
                 with sync:
                     with autocast:
-                        loss = train_model(x, y) / tc.grad_accum
+                        loss = task.loss(train_model, batch) / tc.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
             if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               tc.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens += tokens_per_step
+            tokens += step_tokens * world.size
 
             if step % tc.log_every == 0 or step == 1:
                 loss_val = mean_across(world, float(loss_sum))
@@ -238,8 +283,8 @@ def _run(cfg: RunConfig, world: World, resume: bool, log) -> dict:
                 bar.update(1)
             if tc.eval_every and step % tc.eval_every == 0 and world.is_main:
                 last_eval = evaluate()
-                log_eval = f"step {step}: val loss {last_eval['val_loss']:.4f}, bpb {last_eval['val_bpb']:.4f}"
-                (bar.write if bar is not None else log)(log_eval)
+                patience_out = track_best(last_eval)
+                (bar.write if bar is not None else log)(task.eval_line(last_eval))
             if tc.ckpt_every and step % tc.ckpt_every == 0:
                 checkpoint()
                 saved_at = step
@@ -248,8 +293,20 @@ def _run(cfg: RunConfig, world: World, resume: bool, log) -> dict:
             bar.close()
         if stop.requested:
             log(f"stopped by request at step {step}; checkpoint written, resume with --resume")
+        elif patience_out:
+            log(f"early stop at step {step}: {metric} has not improved for "
+                f"{tc.early_stop_patience} evaluations")
         if world.is_main and (last_eval is None or last_eval["step"] != step) and step > 0:
             last_eval = evaluate()
+            track_best(last_eval)
+        if tc.early_stop_patience:
+            # only rank 0 knows the best weights: every rank writes the final checkpoint (a
+            # collective) whether or not rank 0 restores them
+            saved_at = -1
+            if world.is_main and best_weights is not None and best["step"] != step:
+                task.load_weights(model, best_weights)  # the run ends with its best weights
+                log(f"restored the weights of step {best['step']} (best {metric} {best['value']:.4f})")
+                last_eval = {**evaluate(), "restored_from_step": best["step"]}
         if saved_at != step and step > 0:
             checkpoint()
 
@@ -259,16 +316,19 @@ def _run(cfg: RunConfig, world: World, resume: bool, log) -> dict:
 
         plot_loss(metrics_path, run / "loss.png", title=run.name)
         summary = {
-            "run": str(run), "step": step, "tokens": tokens, "train_seconds": round(train_seconds, 1),
+            "run": str(run), "task": task.name, "step": step, "tokens": tokens,
+            "train_seconds": round(train_seconds, 1),
             "tok_per_s": tokens / max(train_seconds, 1e-9), "params": n_params,
-            "params_non_embedding": n_non_emb, "world_size": world.size,
-            "threads": torch.get_num_threads(), "val": last_eval,
+            "params_non_embedding": n_params - n_emb, "params_trainable": n_train,
+            "world_size": world.size, "threads": torch.get_num_threads(), "val": last_eval,
         }
+        if tc.early_stop_patience:
+            summary["best"] = dict(best)
+        summary.update(task.finish(model, run, last_eval))
         atomic_write_text(run / "summary.json", json.dumps(summary, indent=2))
         if last_eval:
             log(f"done: {step} steps, {tokens:,} tokens in {train_seconds:.0f}s; "
-                f"val loss {last_eval['val_loss']:.4f}, ppl {last_eval['val_ppl']:.2f}, "
-                f"bpb {last_eval['val_bpb']:.4f}")
+                f"{task.done_line(last_eval)}")
     return summary
 
 

@@ -2,7 +2,8 @@
 
 Decay pulls weights toward zero; on norm gains and biases that only fights the model (a gain
 of zero switches a channel off), so those live in a no-decay group — as nanoGPT and most LLM
-recipes do. Groups carry a ``name`` so later layer-wise LR decay can add more of them.
+recipes do. Groups carry a ``name`` and an ``lr_scale``; layer-wise LR decay makes one pair of
+groups per depth.
 """
 
 from __future__ import annotations
@@ -13,22 +14,68 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 1.0,
+                 n_layer: int | None = None) -> list[dict]:
+    """AdamW groups: decay on matrices, none on vectors; with ``layer_decay`` < 1, one pair of
+    groups per depth whose ``lr_scale`` is ``layer_decay ** (layers from the top)``.
+
+    Depth 0 is the embeddings, depth i+1 block i, depth L+1 everything above the blocks (final
+    norm, LM head, task heads), which keeps the full LR. Layer-wise decay (as in ELECTRA and
+    BEiT fine-tuning) lets the task-specific top move fast while the general-purpose bottom
+    layers change little. The loop multiplies each group's LR by its ``lr_scale``.
+    """
+    from zenlm.model.lora import layer_of
+
+    if not 0.0 < layer_decay <= 1.0:
+        from zenlm.errors import ConfigError
+
+        raise ConfigError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    if layer_decay == 1.0:
+        decay, no_decay = [], []
+        for _, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        return [
+            {"name": "decay", "params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+        ]
+    if n_layer is None:
+        n_layer = 1 + max((layer_of(n) or 0) for n, _ in model.named_parameters())
+    top = n_layer + 1
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
+        layer = layer_of(name)
+        if layer is not None:
+            depth = layer + 1
+        elif "tok_emb" in name or "pos_emb" in name:
+            depth = 0
+        else:
+            depth = top
+        kind = "decay" if p.dim() >= 2 else "no_decay"
+        key = f"layer_{depth:02d}.{kind}"
+        group = groups.setdefault(key, {"name": key, "params": [], "lr_scale": layer_decay ** (top - depth),
+                                        "weight_decay": weight_decay if kind == "decay" else 0.0})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def describe_groups(groups: list[dict]) -> list[dict]:
+    """What each group is, for the run's saved config: name, LR scale, decay, parameter count."""
+    return [{"name": g["name"], "lr_scale": float(g.get("lr_scale", 1.0)),
+             "weight_decay": float(g["weight_decay"]),
+             "params": int(sum(p.numel() for p in g["params"]))} for g in groups]
 
 
 def make_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-               eps: float, device: str) -> torch.optim.AdamW:
-    """Fused AdamW where this torch build has it for the device (one kernel for all params)."""
-    groups = param_groups(model, weight_decay)
+               eps: float, device: str, groups: list[dict] | None = None) -> torch.optim.AdamW:
+    """Fused AdamW where this torch build has it for the device (one kernel for all params).
+
+    ``groups`` (from :func:`param_groups`) replaces the default decay/no-decay pair."""
+    groups = param_groups(model, weight_decay) if groups is None else groups
+    groups = [g for g in groups if g["params"]]
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, TypeError):

@@ -1,0 +1,141 @@
+"""Zero/few-shot evaluation by log-likelihood, and classification metrics, checked by hand."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zenlm.errors import DataError
+from zenlm.eval.choice import (ChoiceItem, classify_prompts, draw, make_item, multiple_choice, pick,
+                               prompt_classify, score_items, split_space)
+from zenlm.eval.classify import confusion_matrix, macro_f1, score
+
+
+@torch.no_grad()
+def by_hand(model, context: list[int], choice: list[int]) -> float:
+    """log p(choice | context), one full forward of context + choice[:-1] (left-cut to the
+    model's context: the last choice token is predicted, never read)."""
+    ids = (context + choice[:-1])[-model.config.max_seq_len:]
+    logp = F.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)
+    start = len(ids) - len(choice)  # the position that predicts the first choice token
+    return sum(float(logp[start + k, t]) for k, t in enumerate(choice))
+
+
+def test_choice_scores_equal_full_forward_log_probs(loaded):
+    model, tok = loaded.model, loaded.tokenizer
+    rng = random.Random(0)
+    items = []
+    for n_ctx in (1, 5, 30, 80):  # 80 > the context of 64: the oldest tokens are cut
+        ctx = [rng.randrange(1, 384) for _ in range(n_ctx)]
+        items.append(ChoiceItem(ctx, [[rng.randrange(1, 384)] for _ in range(3)], 0, [1, 1, 1]))
+        items.append(ChoiceItem(ctx, [[rng.randrange(1, 384) for _ in range(k)] for k in (1, 4, 2)], 0, [1, 4, 2]))
+    for bs in (1, 3, 16):
+        scores = score_items(model, items, batch_size=bs)
+        for item, row in zip(items, scores):
+            for choice, s in zip(item.choices, row):
+                assert s == pytest.approx(by_hand(model, item.context, choice), abs=1e-4)
+
+
+def test_raw_and_length_normalised_picks():
+    items = [ChoiceItem([1], [[1], [2, 3]], gold=1, choice_bytes=[1, 10]),
+             ChoiceItem([1], [[1], [2]], gold=0, choice_bytes=[4, 4])]
+    scores = [[-2.0, -5.0], [-1.0, -3.0]]
+    res = pick(items, scores)
+    assert res.predictions == [0, 0] and res.accuracy == 0.5
+    assert res.predictions_norm == [1, 0] and res.accuracy_norm == 1.0  # -0.5/byte beats -2/byte
+
+
+def test_multiple_choice_prefers_the_text_the_model_was_trained_on(loaded, corpus_text):
+    model, tok = loaded.model, loaded.tokenizer
+    rng = random.Random(1)
+    lines = [line for line in corpus_text.splitlines() if len(line.strip()) > 30]
+    rows = []
+    for line in rng.sample(lines, 40):
+        cut = rng.randrange(12, len(line) - 10)
+        true = line[cut:cut + 10]
+        fake = "".join(rng.choice("qxzjvkwy%#@~") for _ in range(10))
+        choices = [true, fake] if rng.random() < 0.5 else [fake, true]
+        rows.append({"context": line[:cut], "choices": choices, "gold": choices.index(true)})
+    res = multiple_choice(model, tok, rows, shots=rows[:2])
+    assert res.n == 40 and res.accuracy >= 0.9 and res.accuracy_norm >= 0.9
+    flipped = [{**r, "gold": 1 - r["gold"]} for r in rows]
+    assert multiple_choice(model, tok, flipped).accuracy <= 0.1
+
+
+def test_context_space_moves_to_the_choice(loaded):
+    tok = loaded.tokenizer
+    assert split_space("Label: ", "yes") == ("Label:", " yes")
+    item = make_item(tok, "Answer: ", ["yes", "no"], 0)
+    assert tok.decode(item.context) == "<|endoftext|>Answer:"  # the BOS this model's prompts carry
+    assert [tok.decode(c) for c in item.choices] == [" yes", " no"]
+    assert item.choice_bytes == [4, 3]
+
+
+def test_base_and_chat_classification_prompts(loaded):
+    tok = loaded.tokenizer
+    shots = [("good film", 1), ("dull plot", 0)]
+    items = classify_prompts(tok, ["what a ride"], ["negative", "positive"], shots, gold=[1])
+    assert tok.decode(items[0].context) == ("<|endoftext|>Text: good film\nLabel: positive\n\n"
+                                            "Text: dull plot\nLabel: negative\n\nText: what a ride\nLabel:")
+    assert [tok.decode(c) for c in items[0].choices] == [" negative", " positive"]
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.chat_template = chatml
+    try:
+        items = classify_prompts(tok, ["what a ride"], ["negative", "positive"], shots[:1], chat=True, gold=[1])
+    finally:
+        tok.chat_template = None
+    text = tok.decode(items[0].context)
+    assert text == ("<|im_start|>system\nClassify the text. Answer with one word: negative, positive.<|im_end|>\n"
+                    "<|im_start|>user\ngood film<|im_end|>\n<|im_start|>assistant\npositive<|im_end|>\n"
+                    "<|im_start|>user\nwhat a ride<|im_end|>\n<|im_start|>assistant\n")
+    assert [tok.decode(c) for c in items[0].choices] == ["negative", "positive"]
+
+
+def test_prompt_classify_scores_label_words(loaded):
+    model, tok = loaded.model, loaded.tokenizer
+    texts = ["import os", "return x", "import sys", "return y"]
+    res, acc_norm = prompt_classify(model, tok, texts, [0, 1, 0, 1], ["a", "b"], ["import", "return"])
+    items = classify_prompts(tok, texts, ["import", "return"], gold=[0, 1, 0, 1])
+    scores = score_items(model, items)
+    assert res.n == 4 and res.accuracy == pick(items, scores).accuracy
+    assert sum(map(sum, res.confusion)) == 4 and 0.0 <= acc_norm <= 1.0
+
+
+def test_few_shot_draws_cover_every_class():
+    rows = list(range(100))
+    labels = {i: ("a" if i < 90 else "b") for i in rows}
+    shots = draw(rows, 4, seed=0, key=labels.get)
+    assert len(shots) == 4 and sum(labels[i] == "b" for i in shots) == 2
+    assert draw(rows, 4, seed=0, key=labels.get) == shots  # seeded
+    with pytest.raises(DataError, match="asked for 200 shots"):
+        draw(rows, 200, seed=0)
+
+
+def test_accuracy_macro_f1_and_confusion_by_hand():
+    gold = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
+    pred = [0, 0, 1, 1, 2, 2, 2, 2, 0, 2]
+    cm = confusion_matrix(gold, pred, 3)
+    assert cm == [[2, 1, 0], [0, 1, 1], [1, 0, 4]]
+    # per class F1 = 2tp / (2tp + fp + fn)
+    f1 = [4 / (4 + 1 + 1), 2 / (2 + 1 + 1), 8 / (8 + 1 + 1)]
+    assert macro_f1(cm) == pytest.approx(sum(f1) / 3)
+    res = score(gold, pred, ["x", "y", "z"])
+    assert res.accuracy == 0.7 and res.macro_f1 == pytest.approx(sum(f1) / 3)
+    # a class absent from gold and predictions does not count; one never predicted scores 0
+    assert macro_f1(confusion_matrix([0, 1], [0, 1], 3)) == 1.0
+    assert macro_f1(confusion_matrix([0, 1], [0, 0], 2)) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_confusion_png(tmp_path):
+    import matplotlib.image
+
+    from zenlm.explain.plots import plot_confusion
+
+    path = plot_confusion([[5, 1], [2, 7]], ["neg", "pos"], tmp_path / "cm.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(path).ndim == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
