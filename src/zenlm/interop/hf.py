@@ -106,8 +106,6 @@ def build_model(family, hf_config: dict[str, Any], hf_state: dict, *, source: st
     """The zenlm Transformer for an HF-style config + HF-named weights (also used for GGUF)."""
     import dataclasses
 
-    import torch
-
     from zenlm.model import Transformer
 
     config = family.config_from_hf(hf_config)

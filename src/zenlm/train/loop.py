@@ -14,7 +14,6 @@ import contextlib
 import json
 import signal
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
