@@ -27,21 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import peak_matmul_gflops
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "train_step.json"
-
-
-def peak_matmul_gflops(n: int = 2048, reps: int = 8) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
-
 
 def build_pair(family: str, args):
     """A zenlm model and the transformers model loaded from its export: the same weights."""

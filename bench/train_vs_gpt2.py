@@ -39,29 +39,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import peak_matmul_gflops
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny.yaml"
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 RESULTS = ROOT / "bench" / "results" / "train_vs_gpt2.json"
 SWEEP_LRS = (1e-3, 3e-3)
-
-
-def peak_matmul_gflops(n: int = 2048, reps: int = 8) -> float:
-    """This machine's fp32 matmul rate right now (the denominator of model FLOPs utilisation)."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 T_PROCESS = time.time()
 # `--minutes 1 --sweep-hf-lr` on this machine (2 threads, busy: CPU share ~0.6), 2026-11-29.
 DEFAULT_HF_LR_NOTE = ("default, from a 1-min sweep here: val bpb 3.0127 at 1e-3 (25 steps) vs "
                       "3.1114 at 3e-3 (17 steps)")
-
 
 def run_config(data_dir: str, out_dir: str, minutes: float):
     from zenlm.train.config import load_config
