@@ -139,3 +139,36 @@ def test_confusion_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(path).ndim == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_shared_few_shot_prefix_is_run_once_with_the_same_scores(loaded):
+    from zenlm.model import Transformer
+
+    model, tok = loaded.model, loaded.tokenizer
+    rng = random.Random(3)
+    prefix = [rng.randrange(1, 384) for _ in range(30)]
+    items = []
+    for n in (1, 3, 9):
+        ctx = prefix + [rng.randrange(1, 384) for _ in range(n)]
+        items.append(ChoiceItem(ctx, [[rng.randrange(1, 384)] for _ in range(2)], 0, [1, 1]))
+        items.append(ChoiceItem(ctx, [[rng.randrange(1, 384) for _ in range(k)] for k in (3, 1)], 0, [3, 1]))
+    calls = []
+    real = Transformer.hidden_states
+
+    def counting(self, idx, cache=None):
+        calls.append(idx.shape[1])
+        return real(self, idx, cache)
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Transformer, "hidden_states", counting)
+        shared = score_items(model, items, batch_size=4)
+    plain = score_items(model, items, batch_size=4, share_prefix=False)
+    for a, b in zip(shared, plain):
+        assert a == pytest.approx(b, abs=1e-4)
+    for item, row in zip(items, shared):
+        for choice, s in zip(item.choices, row):
+            assert s == pytest.approx(by_hand(model, item.context, choice), abs=1e-4)
+    # the 30 shared tokens went through the model once; every batch ran only its suffixes
+    assert calls[0] == 30 and max(calls[1:]) <= 9 + 2

@@ -400,3 +400,13 @@ def test_finetune_under_torchrun_shards_the_data(tmp_path, trained_run, toy_trai
     lengths = list(range(540))
     halves = [BucketSampler(lengths, 16, seed=3, rank=r, world=2).epoch_batches(0) for r in (0, 1)]
     assert not {i for b in halves[0] for i in b} & {i for b in halves[1] for i in b}
+
+
+def test_texts_are_stripped_so_the_last_token_is_the_texts_own(loaded):
+    from zenlm.data.classify import encode_texts
+
+    tok = loaded.tokenizer
+    a, b, empty = encode_texts(tok, ["a fine film ", "a fine film", "  "], 64)
+    assert a == b == tok.encode_prompt("a fine film") and a[0] == tok.bos_id
+    assert empty == [tok.bos_id]  # nothing but the BOS: still a token to pool
+    assert len(encode_texts(tok, ["word " * 100], 10)[0]) == 10

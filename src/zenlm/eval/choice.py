@@ -11,7 +11,8 @@ from a train file put in front) and fine-tuned (``eval/classify.py``) and the nu
 Context and choice are tokenized separately and concatenated, as a model sees them when it
 generates the choice after the prompt; a space ending the context moves to the choice.
 Only the positions that predict choice tokens go through the LM head, so a 49k vocabulary
-costs nothing for the prompt tokens.
+costs nothing for the prompt tokens; the few-shot examples every prompt starts with are run
+once into a KV cache rather than once per item.
 """
 
 from __future__ import annotations
@@ -57,42 +58,77 @@ def make_item(tokenizer, context: str | list[int], choices: list[str], gold: int
     return ChoiceItem(ctx, ids, gold, [max(len(c.encode("utf-8")), 1) for c in choice_texts])
 
 
+def common_prefix(seqs: list[list[int]]) -> list[int]:
+    first = seqs[0]
+    n = min(len(x) for x in seqs)
+    for other in seqs[1:]:
+        k = 0
+        while k < n and other[k] == first[k]:
+            k += 1
+        n = k
+    return first[:n]
+
+
+MIN_SHARED = 16  # a shared prefix shorter than this is not worth a cache
+
+
 @torch.no_grad()
-def score_items(model, items: list[ChoiceItem], *, batch_size: int = 16) -> list[list[float]]:
+def score_items(model, items: list[ChoiceItem], *, batch_size: int = 16,
+                share_prefix: bool = True) -> list[list[float]]:
     """Sum of log-probabilities of each choice of each item, given the item's context.
 
     Items whose choices are all one token share one row (one forward gives every choice);
     others get a row per choice (context + choice minus its last token). Rows are sorted by
     length and right-padded; a context too long for the model loses its oldest tokens.
+
+    Few-shot prompts repeat the same shots (and chat prompts the same system turn) in front of
+    every item: with ``share_prefix`` the tokens all contexts start with are run once into a
+    KV cache, and each batch runs only what follows them, attending to the cache.
     """
     was_training = model.training
     model.eval()
     device = model.tok_emb.weight.device
     limit = model.config.max_seq_len
-    rows = []  # (item, [choice indices], ids, first position predicting a choice token)
-    for i, item in enumerate(items):
+    for item in items:
         if not item.context:
             raise DataError("a context encodes to no tokens (and the model adds no BOS)")
         if max(len(c) for c in item.choices) >= limit:
             raise DataError(f"a choice of {max(len(c) for c in item.choices)} tokens does not fit "
                             f"the model's context of {limit}")
+    shared: list[int] = []
+    if share_prefix and len(items) > 1:
+        fits = all(len(it.context) + max(len(c) for c in it.choices) - 1 <= limit for it in items)
+        # keep one context token per item: the position that predicts its first choice token
+        shared = common_prefix([it.context for it in items])[:min(len(it.context) for it in items) - 1]
+        if not fits or len(shared) < MIN_SHARED:
+            shared = []
+    skip = len(shared)
+    rows = []  # (item, [choice indices], ids after the shared prefix, position of the first prediction)
+    for i, item in enumerate(items):
         if all(len(c) == 1 for c in item.choices):
-            ctx = item.context[-limit:]
+            ctx = item.context[-limit:][skip:]
             rows.append((i, list(range(len(item.choices))), ctx, len(ctx) - 1))
             continue
         for j, c in enumerate(item.choices):
-            ids = (item.context + c[:-1])[-limit:]  # the last choice token is never an input
+            ids = (item.context + c[:-1])[-limit:][skip:]  # the last choice token is never an input
             rows.append((i, [j], ids, len(ids) - len(c)))
     scores = [[0.0] * len(item.choices) for item in items]
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][2]))
     head = model.head_weight()
+    cache = None
+    if shared:
+        size = min(batch_size, len(rows))
+        cache = model.new_cache(size, skip + max(len(r[2]) for r in rows))
+        model(torch.tensor([shared], device=device).expand(size, skip), cache=cache, last_only=True)
     for s in range(0, len(order), batch_size):
         batch = [rows[r] for r in order[s:s + batch_size]]
         width = max(len(ids) for _, _, ids, _ in batch)
-        x = torch.zeros(len(batch), width, dtype=torch.int64)
+        x = torch.zeros(cache.batch if cache is not None else len(batch), width, dtype=torch.int64)
         for b, (_, _, ids, _) in enumerate(batch):
             x[b, :len(ids)] = torch.tensor(ids)
-        hidden = model.hidden_states(x.to(device))
+        if cache is not None:
+            cache.pos = skip  # forget the last batch's suffixes; the shared prefix stays
+        hidden = model.hidden_states(x.to(device), cache=cache)
         for b, (i, js, ids, start) in enumerate(batch):
             if len(js) > 1:  # single-token choices: one position, every choice
                 logp = F.log_softmax(F.linear(hidden[b, start], head).float(), dim=-1)

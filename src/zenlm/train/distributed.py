@@ -44,6 +44,13 @@ def setup(device: str = "auto") -> World:
     return World(rank, size, local_rank, device)
 
 
+def barrier(world: World) -> None:
+    """Wait for every rank. Runs end with one, so that no rank destroys the process group
+    (and exits) while another still talks to it: gloo aborts the process when that happens."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+
+
 def teardown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()

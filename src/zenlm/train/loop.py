@@ -21,7 +21,7 @@ import torch
 from zenlm.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from zenlm.errors import CheckpointError, ConfigError
 from zenlm.train.config import RunConfig, TrainConfig
-from zenlm.train.distributed import World, gather_objects, mean_across, setup, teardown
+from zenlm.train.distributed import World, barrier, gather_objects, mean_across, setup, teardown
 from zenlm.train.optim import lr_at, make_adamw
 from zenlm.train.task import Task
 
@@ -82,7 +82,9 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
     world = setup(cfg.train.device)
     try:
         quiet = log if world.is_main else (lambda *a, **k: None)
-        return _run(LMTask(cfg), cfg.train, world, resume, quiet)
+        summary = _run(LMTask(cfg), cfg.train, world, resume, quiet)
+        barrier(world)  # leave together (not after an error: the other rank may be gone)
+        return summary
     finally:
         teardown(world)
 
@@ -91,7 +93,9 @@ def train(task: Task, tc: TrainConfig, *, resume: bool = False, log=print) -> di
     """Train any task (classification, chat SFT, ...) with the same loop as pretraining."""
     world = setup(tc.device)
     try:
-        return _run(task, tc, world, resume, log if world.is_main else (lambda *a, **k: None))
+        summary = _run(task, tc, world, resume, log if world.is_main else (lambda *a, **k: None))
+        barrier(world)
+        return summary
     finally:
         teardown(world)
 
@@ -200,8 +204,8 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
         return best["bad_evals"] >= tc.early_stop_patience
 
     def checkpoint() -> None:
-        rngs = gather_objects(world, gen.get_state())
-        task_states = gather_objects(world, task.state_dict())
+        gathered = gather_objects(world, (gen.get_state(), task.state_dict()))  # one collective
+        rngs, task_states = [g[0] for g in gathered], [g[1] for g in gathered]
         if world.is_main:
             state = {"optimizer": optimizer.state_dict(), "step": step, "tokens": tokens,
                      "elapsed": elapsed_before + time.time() - t_start, "data_rng": rngs,
