@@ -70,22 +70,3 @@ def run_cli(*args, timeout: float = 180, cwd=None) -> subprocess.CompletedProces
     """``python -m zenlm.cli.main ARGS`` as a real subprocess."""
     return subprocess.run([*ZENLM, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=cli_env(), cwd=cwd)
-
-
-GLOO_STARTUP_CRASH = "terminate called without an active exception"
-
-
-def run_torchrun(cmd: list, cwd, timeout: int = 180) -> subprocess.CompletedProcess:
-    """Run a torchrun command; retry once if a rank aborted inside gloo before training.
-
-    On a CPU starved by other jobs (load average ~8 on 2 cores), a gloo rank occasionally
-    aborts with ``terminate called without an active exception`` while the process group
-    connects (seen twice in ~10 runs under such load, never on a quiet machine). That is
-    torch's, not zenlm's; one retry keeps the test about zenlm while every assertion stays.
-    """
-    proc = None
-    for _ in range(2):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=cwd)
-        if proc.returncode == 0 or GLOO_STARTUP_CRASH not in proc.stderr:
-            return proc
-    return proc

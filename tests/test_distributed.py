@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import TINY_MODEL, TINY_TRAIN, run_config, run_torchrun
+from helpers import TINY_MODEL, TINY_TRAIN, cli_env, run_config
 
 STEPS = 4
 
@@ -35,7 +35,7 @@ def ddp_run(tmp_path_factory, prepared):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "zenlm.cli.main", "pretrain", "--config", str(recipe)]
     try:
-        proc = run_torchrun(cmd, cwd=root)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=cli_env(), cwd=root)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"torchrun did not finish in 180s: {exc.stdout!r} {exc.stderr!r}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -124,7 +124,7 @@ def test_resume_under_torchrun(ddp_run, tmp_path):
     shutil.copytree(ddp_run["out"], run)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "zenlm.cli.main", "pretrain", "--resume", str(run), "--set", f"train.max_steps={STEPS + 2}"]
-    proc = run_torchrun(cmd, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=cli_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count(f"from step {STEPS}") == 1
     summary = json.loads((run / "summary.json").read_text())

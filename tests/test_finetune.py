@@ -377,16 +377,17 @@ def test_chat_data_errors_are_one_line(tmp_path, trained_run):
 
 def test_finetune_under_torchrun_shards_the_data(tmp_path, trained_run, toy_train):
     """Two real processes (gloo): each rank trains on its half of every epoch, rank 0 writes."""
+    import subprocess
     import sys
 
-    from helpers import run_torchrun
+    from helpers import cli_env
 
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "zenlm.cli.main", "finetune", "classify", "--model", str(trained_run),
            "--train", str(toy_train), "--text-col", "sentence", "--out", str(run), "--max-steps", "4",
            "--set", "train.progress=false", "--set", "train.device=cpu", "--set", "train.log_every=1"]
-    proc = run_torchrun(cmd, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cli_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("2 process(es) on cpu") == 1 and proc.stdout.count("done: ") == 1
     summary = json.loads((run / "summary.json").read_text())
