@@ -155,9 +155,9 @@ def test_a_shared_few_shot_prefix_is_run_once_with_the_same_scores(loaded):
     calls = []
     real = Transformer.hidden_states
 
-    def counting(self, idx, cache=None):
+    def counting(self, idx, cache=None, **kwargs):
         calls.append(idx.shape[1])
-        return real(self, idx, cache)
+        return real(self, idx, cache, **kwargs)
 
     import pytest as _pytest
 
