@@ -66,16 +66,10 @@ def run(args) -> int:
 
 
 def _ppl(args, loaded) -> dict:
-    from zenlm.errors import DataError
+    from zenlm.data.sources import read_text_file
     from zenlm.eval.perplexity import evaluate_text
 
-    path = Path(args.data)
-    if not path.is_file():
-        raise DataError(f"file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text") from None
+    text = read_text_file(args.data)
     _need_lm(loaded, "ppl")
     if args.seq_len is not None and args.seq_len < 1:
         from zenlm.errors import ConfigError

@@ -50,6 +50,17 @@ def find_sources(inputs: list[str | os.PathLike], suffixes: tuple[str, ...] | No
     return found
 
 
+def read_text_file(path: str | os.PathLike) -> str:
+    """A whole UTF-8 text file, or one clear error naming what is wrong with it."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"file not found: {p}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{p} is not UTF-8 text") from None
+
+
 def doc_in_val(key: str, val_fraction: float) -> bool:
     """Stable assignment of a document to val by the hash of its name (same on every machine)."""
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")

@@ -77,14 +77,10 @@ def read_table(path: str | Path, fmt: str | None = None) -> tuple[list[str], lis
     fmt = table_format(path, fmt)
     if str(path) == "-":
         return parse_table(sys.stdin.read(), fmt, "stdin")
+    from zenlm.data.sources import read_text_file
+
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{p} is not UTF-8 text") from None
-    columns, rows = parse_table(text, fmt, str(p))
+    columns, rows = parse_table(read_text_file(p), fmt, str(p))
     if not rows:
         raise DataError(f"{p} holds no rows")
     return columns, rows
