@@ -76,8 +76,8 @@ def test_context_space_moves_to_the_choice(loaded):
 
 def test_base_and_chat_classification_prompts(loaded):
     tok = loaded.tokenizer
-    shots = [("good film", 1), ("dull plot", 0)]
-    items = classify_prompts(tok, ["what a ride"], ["negative", "positive"], shots, gold=[1])
+    shots = [("good film ", 1), ("dull plot", 0)]
+    items = classify_prompts(tok, ["what a ride "], ["negative", "positive"], shots, gold=[1])
     assert tok.decode(items[0].context) == ("<|endoftext|>Text: good film\nLabel: positive\n\n"
                                             "Text: dull plot\nLabel: negative\n\nText: what a ride\nLabel:")
     assert [tok.decode(c) for c in items[0].choices] == [" negative", " positive"]

@@ -238,6 +238,8 @@ def classify_prompts(tokenizer, texts: list[str], label_words: list[str],
     it; a chat model gets the instruction as a system message, each shot as a user turn and
     an assistant reply, then the text as the last user turn and the generation prompt.
     """
+    texts = [t.strip() for t in texts]  # surrounding whitespace is formatting (GLUE's trailing space)
+    shots = [(t.strip(), y) for t, y in shots or []]
     if chat:
         template = template or CHAT_TEMPLATE
         instruction = instruction or ("Classify the text. Answer with one word: "
