@@ -143,12 +143,18 @@ def _gpt2_tensors(state: dict[str, Any], cfg) -> Iterator[tuple[str, np.ndarray]
 # hyperparameters
 
 
-def _llama_metadata(w, cfg) -> None:
+def _shape_metadata(w, cfg) -> None:
+    """The keys every architecture llama.cpp reads shares: context, widths, depth, heads."""
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layer)
     w.add_feed_forward_length(cfg.d_ff)
     w.add_head_count(cfg.n_head)
+    w.add_vocab_size(cfg.vocab_size)
+
+
+def _llama_metadata(w, cfg) -> None:
+    _shape_metadata(w, cfg)
     w.add_head_count_kv(cfg.n_kv_head)
     w.add_rope_dimension_count(cfg.head_dim)
     if cfg.head_dim * cfg.n_head != cfg.d_model:  # llama.cpp assumes d_model / n_head otherwise
@@ -161,17 +167,11 @@ def _llama_metadata(w, cfg) -> None:
 
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
-    w.add_vocab_size(cfg.vocab_size)
 
 
 def _gpt2_metadata(w, cfg) -> None:
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.d_model)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(cfg.d_ff)
-    w.add_head_count(cfg.n_head)
+    _shape_metadata(w, cfg)
     w.add_layer_norm_eps(float(cfg.norm_eps))
-    w.add_vocab_size(cfg.vocab_size)
 
 
 _WRITERS = {"llama": (_llama_metadata, _llama_tensors), "gpt2": (_gpt2_metadata, _gpt2_tensors)}
