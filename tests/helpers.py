@@ -70,3 +70,16 @@ def run_cli(*args, timeout: float = 180, cwd=None) -> subprocess.CompletedProces
     """``python -m zenlm.cli.main ARGS`` as a real subprocess."""
     return subprocess.run([*ZENLM, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=cli_env(), cwd=cwd)
+
+
+def quiet_transformers():
+    """transformers for a peer test, without its progress bars and warnings (skip if absent)."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    try:
+        transformers.utils.logging.disable_progress_bar()
+    except AttributeError:
+        pass
+    return transformers

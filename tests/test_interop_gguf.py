@@ -17,13 +17,10 @@ import torch
 import zenlm
 from zenlm.errors import InteropError, UnsupportedArchitectureError
 
+from helpers import quiet_transformers
+
 gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
-transformers.logging.set_verbosity_error()
-try:
-    transformers.utils.logging.disable_progress_bar()
-except AttributeError:
-    pass
+transformers = quiet_transformers()
 
 Q = gguf.GGMLQuantizationType
 V, D, F, L, H, KV, T = 300, 64, 128, 2, 4, 2, 64

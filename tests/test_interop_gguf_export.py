@@ -19,15 +19,10 @@ from zenlm.config import TransformerConfig
 from zenlm.errors import InteropError, UnsupportedArchitectureError
 from zenlm.model import Transformer
 
-from helpers import run_cli
+from helpers import quiet_transformers, run_cli
 
 gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
-transformers.logging.set_verbosity_error()
-try:
-    transformers.utils.logging.disable_progress_bar()
-except AttributeError:
-    pass
+transformers = quiet_transformers()
 
 V, T = 300, 64
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

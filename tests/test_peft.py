@@ -22,13 +22,10 @@ from zenlm.model import Transformer
 from zenlm.model.adapt import adapt
 from zenlm.model.lora import LoRAConfig
 
-transformers = pytest.importorskip("transformers")
+from helpers import quiet_transformers
+
+transformers = quiet_transformers()
 peft = pytest.importorskip("peft")
-transformers.logging.set_verbosity_error()
-try:
-    transformers.utils.logging.disable_progress_bar()
-except AttributeError:
-    pass
 
 
 def tiny_llama(vocab: int) -> Transformer:
