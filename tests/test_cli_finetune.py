@@ -101,6 +101,32 @@ def test_eval_compares_fine_tuned_zero_shot_and_few_shot(cli_classifier):
         assert (cli_classifier["root"] / f"cm{shots}.png").is_file()
 
 
+def test_export_writes_the_fine_tuned_classifier_merged_for_transformers(cli_classifier):
+    """`zenlm export RUN` on a LoRA classifier run: a sequence-classification folder with the
+    adapters merged, which transformers scores like zenlm does."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import zenlm
+
+    run, out = cli_classifier["run"], cli_classifier["root"] / "exported"
+    p = run_cli("export", run, "--format", "hf", "--out", out)
+    assert p.returncode == 0, p.stderr
+    lm = zenlm.load(str(run))
+    texts = ["alpha import beta", "return gamma delta", "class value"]
+    ids = [lm.tokenizer.encode_prompt(t) for t in texts]
+    x = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.int64)
+    for i, row in enumerate(ids):
+        x[i, :len(row)] = torch.tensor(row)
+    lengths = torch.tensor([len(r) for r in ids])
+    hf = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.config.id2label == {0: "cls", 1: "imp", 2: "ret"}
+    mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        ours, theirs = lm.model(x, lengths), hf(input_ids=x, attention_mask=mask).logits
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
 def test_eval_multiple_choice(tmp_path, trained_run, corpus_text):
     lines = [x for x in corpus_text.splitlines() if len(x.strip()) > 30][:30]
     rows = [{"context": x[:20], "choices": [x[20:28], "~~##@@%%"], "gold": 0} for x in lines]

@@ -305,6 +305,40 @@ def chat_cfg(tmp_path, base, train_file, method="lora", **train):
                                        "seed": 1, **train}})
 
 
+def test_packed_examples_are_computed_as_if_each_stood_alone():
+    """Packing is a speed device only: every packed example's logits and per-token losses equal
+    those of the same example in a row of its own (block-diagonal attention, positions that
+    restart per example), for both position schemes."""
+    from zenlm.config import TransformerConfig
+    from zenlm.data.chat import ChatExample, to_batch
+    from zenlm.model import Transformer
+
+    g = torch.Generator().manual_seed(0)
+    exs = [ChatExample(torch.randint(0, 200, (n,), generator=g).tolist(), [False, True] * (n // 2) + [True] * (n % 2))
+           for n in (7, 12, 5, 9)]
+    for family in ("gpt2", "llama"):
+        torch.manual_seed(0)
+        model = Transformer(TransformerConfig.preset(family, vocab_size=256, n_layer=2, n_head=4,
+                                                     d_model=32, max_seq_len=64)).eval()
+        x, y, seg = to_batch(exs, [[0, 1], [2, 3]], pad_id=0)
+        assert seg[0].tolist()[:6] == [0] * 6 and seg[0, 7] == 1 and (seg[1, 13:] == -1).all()
+        packed = model(x, segment_ids=seg)
+        packed_loss = model(x, y, reduction="none", segment_ids=seg)
+        # without the segment ids the second example of a row would see the first
+        mixed = model(x)
+        offsets = {0: (0, 0), 1: (0, 7), 2: (1, 0), 3: (1, 5)}
+        for i, e in enumerate(exs):
+            xs, ys, _ = to_batch(exs, [[i]], pad_id=0)
+            alone = model(xs)
+            alone_loss = model(xs, ys, reduction="none")
+            r, o = offsets[i]
+            n = len(e.ids) - 1
+            assert torch.allclose(packed[r, o:o + n], alone[0, :n], atol=1e-5), (family, i)
+            assert torch.allclose(packed_loss[r, o:o + n], alone_loss[0, :n], atol=1e-5)
+            if o:
+                assert not torch.allclose(mixed[r, o:o + n], alone[0, :n], atol=1e-3)
+
+
 def test_chat_loss_is_on_assistant_tokens_only(tmp_path, trained_run):
     from zenlm.data.chat import PLAIN_TEMPLATE, render, to_batch
 
@@ -321,7 +355,7 @@ def test_chat_loss_is_on_assistant_tokens_only(tmp_path, trained_run):
     assert tok.decode([i for i, m in zip(ex.ids, ex.mask) if m]) == " Lima.<|endoftext|>\n Tokyo.<|endoftext|>\n"
     assert tok.decode(ex.ids) == tok.apply_chat_template(messages, add_generation_prompt=False)
     other = render(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
-    x, y = to_batch([ex, other], [[0], [1]], pad_id=0)
+    x, y, _ = to_batch([ex, other], [[0], [1]], pad_id=0)
     # targets: -100 exactly where the next token is not the assistant's (and on padding)
     for r, e in enumerate([ex, other]):
         n = len(e.ids) - 1

@@ -13,8 +13,8 @@ Models without a chat template (those ``zenlm pretrain`` makes) get :data:`PLAIN
 generation stops there.
 
 Packing (several short conversations in one row, see ``batching.PackedSampler``) keeps rows
-full; a packed conversation can attend to the one before it in its row (no block-diagonal
-mask), the usual price of packing without variable-length attention kernels.
+full; packed conversations are kept apart by segment ids (a block-diagonal attention mask and
+positions that restart per conversation), so packing changes the speed, not the result.
 """
 
 from __future__ import annotations
@@ -126,25 +126,33 @@ def fit(example: ChatExample, max_len: int) -> ChatExample | None:
     return ChatExample(ids, mask)
 
 
-def to_batch(examples: list[ChatExample], rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets for rows of (packed) examples; targets are -100 wherever the token
-    to predict is not the assistant's, and on padding."""
+def to_batch(examples: list[ChatExample], rows: list[list[int]],
+             pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs, targets and segment ids for rows of (packed) examples.
+
+    Targets are -100 wherever the token to predict is not the assistant's, and on padding.
+    Segment ids number the examples within a row (padding: -1), so the model keeps packed
+    examples apart (see ``Transformer.hidden_states``).
+    """
     seqs = []
     for row in rows:
-        ids, mask = [], []
-        for i in row:
+        ids, mask, seg = [], [], []
+        for k, i in enumerate(row):
             ids += examples[i].ids
             mask += examples[i].mask
-        seqs.append((ids, mask))
-    width = max(len(ids) for ids, _ in seqs) - 1
+            seg += [k] * len(examples[i].ids)
+        seqs.append((ids, mask, seg))
+    width = max(len(ids) for ids, _, _ in seqs) - 1
     x = torch.full((len(seqs), width), pad_id, dtype=torch.int64)
     y = torch.full((len(seqs), width), -100, dtype=torch.int64)
-    for r, (ids, mask) in enumerate(seqs):
+    s = torch.full((len(seqs), width), -1, dtype=torch.int64)
+    for r, (ids, mask, seg) in enumerate(seqs):
         t = torch.tensor(ids, dtype=torch.int64)
         keep = torch.tensor(mask[1:], dtype=torch.bool)
         x[r, :len(ids) - 1] = t[:-1]
         y[r, :len(ids) - 1] = torch.where(keep, t[1:], torch.full_like(t[1:], -100))
-    return x, y
+        s[r, :len(ids) - 1] = torch.tensor(seg[:-1], dtype=torch.int64)
+    return x, y, s
 
 
 __all__ = ["PLAIN_TEMPLATE", "ChatExample", "read_conversations", "render", "fit", "to_batch"]

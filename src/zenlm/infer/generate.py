@@ -82,6 +82,18 @@ class RowText:
         return piece
 
 
+def compile_decoding(model, **compile_kwargs) -> None:
+    """Decode through ``torch.compile``: fused elementwise kernels and less Python per token.
+
+    Only the one-token step is compiled (prefill stays eager: it runs once and is GEMM-bound).
+    Shapes are dynamic because the cache grows a position per step, so the step compiles
+    once or twice (the first call and the first change of length), not once per token; the
+    first compile takes tens of seconds, which pays off over long or repeated generations.
+    """
+    compile_kwargs.setdefault("dynamic", True)
+    model.decode_forward = torch.compile(model.forward, **compile_kwargs)
+
+
 @torch.no_grad()
 def token_steps(model, rows: list[list[int]], cfg: SamplingConfig) -> Iterator[torch.Tensor]:
     """Next-token ids (B,) at every step, for prompts of any lengths (left-padded together).
@@ -106,6 +118,7 @@ def token_steps(model, rows: list[list[int]], cfg: SamplingConfig) -> Iterator[t
         mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)
     ones = torch.ones(len(rows), 1, dtype=torch.long, device=device)
     cache = model.new_cache(len(rows), longest + budget)
+    step_forward = getattr(model, "decode_forward", model)  # see compile_decoding
     logits = model(idx, cache=cache, last_only=True, attention_mask=mask)[:, -1]
     seen = idx if cfg.repetition_penalty != 1.0 else None
     for step in range(budget):
@@ -117,7 +130,7 @@ def token_steps(model, rows: list[list[int]], cfg: SamplingConfig) -> Iterator[t
             seen = torch.cat([seen, nxt[:, None]], dim=1)
         if mask is not None:
             mask = torch.cat([mask, ones], dim=1)
-        logits = model(nxt[:, None], cache=cache, last_only=True, attention_mask=mask)[:, -1]
+        logits = step_forward(nxt[:, None], cache=cache, last_only=True, attention_mask=mask)[:, -1]
 
 
 def stream(model, tokenizer, prompt: str | list[int], cfg: SamplingConfig | None = None,

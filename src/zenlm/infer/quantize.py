@@ -11,6 +11,10 @@ The cost is measured, not assumed (bench/infer_smollm2.py; perplexity on the fir
 characters of GPL-3 through the int8 path, SmolLM2-135M, fp32 25.181): everything int8 costs
 +4.7%; keeping ``down_proj`` in float (its input, the SwiGLU product, carries the outlier
 channels per-row int8 handles worst) +2.2%; also keeping q/k/v in float +1.4%, the default.
+With calibration text, :func:`smooth` first folds each input channel's outliers into the
+weights (SmoothQuant) and then every projection goes int8 (``--int8 all``): ~1.5x faster
+decoding again (SmolLM2, 2 threads: 76 tokens/s against 50 for the default and 26 for fp32)
+at a cost that depends on the text: +1.3% on GPL-3, +2.6% on Apache-2.0 (default: +1.4%).
 Embedding lookups stay in float (a gather reads one row, not the table); a tied output head
 gets its own int8 copy. Prefill (many rows) dequantizes to the float GEMM, so it is exact up
 to the weight rounding.
@@ -64,12 +68,92 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
+# A few lines of mixed text for calibration when the caller gives none: the channels that
+# carry outliers are a property of the model, so a short, varied sample finds them.
+CALIBRATION_TEXT = """The committee met on Tuesday, 14 March, to review the budget: 3,250 euros for
+equipment, 1,100 for travel and the rest for printing. "We can't afford another delay," she said.
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+Q: What is the boiling point of water at sea level? A: 100 degrees Celsius (212 F).
+Le chat dort sur le canapé. Der Zug fährt um 8:45 Uhr ab. 東京は日本の首都です。
+SELECT name, COUNT(*) FROM orders WHERE total > 99.5 GROUP BY name ORDER BY 2 DESC;
+Once upon a time, in a village by the sea, there lived an old fisherman and his three daughters.
+"""
+
+
 @torch.no_grad()
-def quantize_int8(model: nn.Module, skip: tuple[str, ...] = FLOAT_BY_DEFAULT) -> nn.Module:
+def input_absmax(model: nn.Module, ids: torch.Tensor) -> dict[nn.Linear, torch.Tensor]:
+    """The largest |input| per input channel each linear layer of the blocks sees on ``ids``."""
+    stats: dict[nn.Linear, torch.Tensor] = {}
+
+    def record(module, inputs, _output):
+        x = inputs[0].detach().float()
+        m = x.reshape(-1, x.shape[-1]).abs().amax(0)
+        stats[module] = torch.maximum(stats[module], m) if module in stats else m
+
+    hooks = [m.register_forward_hook(record) for m in model.blocks.modules() if isinstance(m, nn.Linear)]
+    try:
+        model.eval()(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def _smoothing(act: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-channel factor: divide the input by s and multiply weight columns by s,
+    so an outlier channel's range is shared between activation and weight (alpha: how much)."""
+    w = torch.cat([w.detach().float() for w in weights]).abs().amax(0)
+    return (act.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = 0.6) -> nn.Module:
+    """Move activation outliers into the weights without changing the float model's function.
+
+    Per-row int8 activations lose precision when a few channels are far larger than the rest;
+    here each such channel is divided by a factor before quantization and the factor is
+    folded into what produces it: the norm's weight for q/k/v and gate/up, and up_proj's rows
+    for down_proj (SwiGLU: down's input is silu(gate) * up, linear in up). The float model
+    computes the same function up to rounding; its int8 version loses much less.
+    """
+    stats = input_absmax(model, ids[:, :model.config.max_seq_len])
+    for block in model.blocks:
+        a, m = block.attn, block.mlp
+        groups = [(block.attn_norm, [a.q_proj, a.k_proj, a.v_proj]),
+                  (block.mlp_norm, [m.gate_proj, m.up_proj] if m.kind == "swiglu" else [m.up_proj])]
+        for norm, lins in groups:
+            if norm.weight is None:
+                continue
+            s = _smoothing(stats[lins[0]], [lin.weight for lin in lins], alpha)
+            norm.weight.div_(s.to(norm.weight.dtype))
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.div_(s.to(norm.bias.dtype))
+            for lin in lins:
+                lin.weight.mul_(s.to(lin.weight.dtype))
+        if m.kind == "swiglu":
+            s = _smoothing(stats[m.down_proj], [m.down_proj.weight], alpha)
+            m.up_proj.weight.div_(s[:, None].to(m.up_proj.weight.dtype))
+            if m.up_proj.bias is not None:
+                m.up_proj.bias.div_(s.to(m.up_proj.bias.dtype))
+            m.down_proj.weight.mul_(s.to(m.down_proj.weight.dtype))
+    return model
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module, skip: tuple[str, ...] | None = None,
+                  calibration: torch.Tensor | None = None, alpha: float = 0.6) -> nn.Module:
     """Replace the linear layers of a zenlm Transformer (and its output head) in place.
 
-    ``skip`` names projections to keep in float (see the module docstring).
+    With ``calibration`` token ids (B, T), outliers are first smoothed into the weights
+    (:func:`smooth`) and every projection becomes int8; without, ``skip`` names projections
+    kept in float (default: those whose inputs carry the worst outliers, see the module
+    docstring).
     """
+    if calibration is not None:
+        smooth(model, calibration, alpha)
+    if skip is None:
+        skip = () if calibration is not None else FLOAT_BY_DEFAULT
     for block in model.blocks:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
@@ -77,5 +161,10 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = FLOAT_BY_DEFAULT) ->
                     setattr(parent, name, Int8Linear.from_linear(child))
     head = model.lm_head if model.lm_head is not None else None
     model.lm_head = Int8Linear(model.tok_emb.weight if head is None else head.weight, None)
-    model.quantized = "int8"
+    model.quantized = "int8" if calibration is None else "int8-smoothed"
     return model.eval()
+
+
+def calibration_ids(tokenizer, text: str = CALIBRATION_TEXT) -> torch.Tensor:
+    """Token ids (1, T) of ``text`` for :func:`quantize_int8`."""
+    return torch.tensor([tokenizer.encode_prompt(text)])

@@ -82,7 +82,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         # Causality: a fresh sequence uses the fused causal kernel; a single new token sees the
         # whole cache; a chunk appended to a cache needs an explicit mask (passed in).
-        is_causal = self.causal and attn_mask is None and past == 0 and t > 1
+        # (t > 1 first: under torch.compile a one-token step then never looks at the dynamic past)
+        is_causal = self.causal and attn_mask is None and t > 1 and past == 0
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,

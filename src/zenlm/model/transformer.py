@@ -99,13 +99,18 @@ class Transformer(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, *,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d): what every task head reads.
 
         ``attention_mask`` (B, S) marks real tokens (1) and padding (0) over every position so
         far, cached ones included (S = cache.pos + T). It lets rows of different lengths share a
         batch: padding is never attended to, and each row's positions count its real tokens
         only, so a left-padded prompt is computed as if it stood alone.
+
+        ``segment_ids`` (B, T) packs several sequences into one row for training: runs of equal
+        ids are separate sequences, each attending only within itself and counting positions
+        from 0, so a packed example is computed exactly as if it stood alone in its own row.
         """
         b, t = idx.shape
         start = cache.pos if cache is not None else 0
@@ -113,7 +118,17 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"sequence of {start + t} tokens exceeds the context of {self.config.max_seq_len}")
         dev = idx.device
-        if attention_mask is not None:
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("segment_ids is for packed training rows: not with a cache or attention_mask")
+            if segment_ids.shape != (b, t):
+                raise ValueError(f"segment_ids must be (batch, {t}), got {tuple(segment_ids.shape)}")
+            steps = torch.arange(t, device=dev).expand(b, t)
+            starts = torch.ones(b, t, dtype=torch.bool, device=dev)
+            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            first = torch.where(starts, steps, torch.zeros_like(steps)).cummax(-1).values
+            positions = steps - first  # (B, T): restarts at every segment
+        elif attention_mask is not None:
             if attention_mask.shape != (b, start + t):
                 raise ValueError(f"attention_mask must be (batch, {start + t}), got {tuple(attention_mask.shape)}")
             valid = attention_mask.bool()
@@ -129,7 +144,10 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             rope = (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
         mask = None
-        if attention_mask is not None:
+        if segment_ids is not None:
+            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+            mask = same & torch.ones(t, t, dtype=torch.bool, device=dev).tril() if self.config.causal else same
+        elif attention_mask is not None:
             q_pos = torch.arange(start, start + t, device=dev)[:, None]
             k_pos = torch.arange(start + t, device=dev)[None, :]
             mask = valid[:, None, None, :] & (k_pos <= q_pos if self.config.causal else True)
@@ -148,12 +166,13 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, last_only: bool = False,
-                reduction: str = "mean", attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                reduction: str = "mean", attention_mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with ``last_only``; the loss when ``targets`` is given.
 
         Targets equal to -100 carry no loss (prompt masking, padding).
         """
-        h = self.hidden_states(idx, cache, attention_mask=attention_mask)
+        h = self.hidden_states(idx, cache, attention_mask=attention_mask, segment_ids=segment_ids)
         if last_only:
             h = h[:, -1:, :]
         logits = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.tok_emb.weight)

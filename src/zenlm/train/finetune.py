@@ -370,16 +370,16 @@ class ChatTask(_FinetuneTask):
 
         batch = self.sampler.next()
         rows = batch if self.cfg.data.pack else [[i] for i in batch]
-        x, y = to_batch(self.train_ex, rows, self.pad_id)
+        x, y, seg = to_batch(self.train_ex, rows, self.pad_id)
         n = sum(len(self.train_ex[i].ids) - 1 for row in rows for i in row)
-        return x, y, torch.tensor(n)
+        return x, y, seg, torch.tensor(n)
 
     def batch_tokens(self, batch) -> int:
-        return int(batch[2])
+        return int(batch[3])
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        x, y, _ = batch
-        return model(x, y)
+        x, y, seg, _ = batch
+        return model(x, y, segment_ids=seg if self.cfg.data.pack else None)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         from zenlm.data.batching import sorted_batches
@@ -387,7 +387,7 @@ class ChatTask(_FinetuneTask):
 
         total, count = 0.0, 0
         for idx in sorted_batches([len(e.ids) for e in self.val_ex], self.cfg.finetune.eval_batch_size):
-            x, y = to_batch(self.val_ex, [[i] for i in idx], self.pad_id)
+            x, y, _ = to_batch(self.val_ex, [[i] for i in idx], self.pad_id)
             losses = model(x.to(self.device), y.to(self.device), reduction="none").double()
             mask = y.to(self.device) != -100
             total += float(losses[mask].sum())
