@@ -6,7 +6,8 @@ honest), contestants alternating, repeated ``--reps`` times (median reported):
   * prefill: tokens/s of one forward over a 512-token prompt (after a warm-up forward);
   * decode: greedy tokens/s for 128 new tokens at batch 1 and batch 8;
   * peak RSS of the process.
-Contestants: zenlm fp32, zenlm int8 (``zenlm.infer.quantize``), transformers fp32
+Contestants: zenlm fp32, zenlm int8 (``zenlm.infer.quantize``), zenlm bf16 weights (only on
+CPUs with native bf16, see ``zenlm.hardware``), transformers fp32
 (``from_pretrained(gguf_file=...)`` + ``generate``), and llama-cpp-python on the same Q4_1 GGUF
 when it is installed (``pip install llama-cpp-python``; it compiles llama.cpp, ~9 minutes).
 Perplexity on the first 20,000 characters of GPL-3 (512-token windows) is reported for zenlm
@@ -36,7 +37,7 @@ PPL_TEXT = Path("/usr/share/common-licenses/GPL-3")
 PPL_CHARS = 20_000
 NEW_TOKENS = 128
 PROMPT_TOKENS = 512
-CONTESTANTS = ("zenlm", "zenlm-int8", "hf", "llama.cpp")
+CONTESTANTS = ("zenlm", "zenlm-int8", "zenlm-bf16", "hf", "llama.cpp")
 
 
 def gguf_path() -> Path:
@@ -53,7 +54,7 @@ def prompt_text() -> str:
 # one contestant per process
 
 
-def run_zenlm(int8: bool, threads: int) -> dict:
+def run_zenlm(int8: bool, threads: int, bf16: bool = False) -> dict:
     import torch
 
     import zenlm
@@ -65,6 +66,8 @@ def run_zenlm(int8: bool, threads: int) -> dict:
         from zenlm.infer.quantize import quantize_int8
 
         quantize_int8(lm.model)
+    if bf16:
+        lm.model.to(torch.bfloat16)
     model, tok = lm.model, lm.tokenizer
     ids = tok.encode_prompt("Once upon a time")
     next(iter(token_steps(model, [ids], SamplingConfig(max_new_tokens=1, temperature=0))))
@@ -172,9 +175,12 @@ def measure(prefill, decode, first_token: float) -> dict:
     t0 = float(os.environ["BENCH_T0"])
     out = {"cold_start_s": first_token - t0}
     prefill()  # warm-up
-    t = time.perf_counter()
-    prefill()
-    out["prefill_tok_s"] = PROMPT_TOKENS / (time.perf_counter() - t)
+    times = []
+    for _ in range(3):  # a single forward is at the mercy of one scheduler hiccup
+        t = time.perf_counter()
+        prefill()
+        times.append(time.perf_counter() - t)
+    out["prefill_tok_s"] = PROMPT_TOKENS / statistics.median(times)
     for batch in (1, 8):
         t = time.perf_counter()
         n = decode(batch)
@@ -191,6 +197,8 @@ def child(name: str, threads: int) -> None:
         r = run_zenlm(False, threads)
     elif name == "zenlm-int8":
         r = run_zenlm(True, threads)
+    elif name == "zenlm-bf16":
+        r = run_zenlm(False, threads, bf16=True)
     elif name == "hf":
         r = run_hf(threads)
     else:
@@ -239,6 +247,11 @@ def main() -> None:
     if "llama.cpp" in names and importlib.util.find_spec("llama_cpp") is None:
         print("llama.cpp: skipped (llama-cpp-python is not installed)")
         names.remove("llama.cpp")
+    from zenlm.hardware import native_bf16
+
+    if "zenlm-bf16" in names and not native_bf16():
+        print("zenlm-bf16: skipped (this CPU has no native bf16: it would be emulated, ~100x slower)")
+        names.remove("zenlm-bf16")
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for rep in range(args.reps):  # alternate contestants within every repetition
         for n in names:
@@ -272,8 +285,9 @@ def main() -> None:
         for n in med:
             if n.startswith("zenlm"):
                 ratios[f"{n}/llama.cpp"] = {"decode_b1": med[n]["decode_b1_tok_s"] / med["llama.cpp"]["decode_b1_tok_s"]}
-    if "zenlm" in med and "zenlm-int8" in med:
-        ratios["int8 perplexity change %"] = 100 * (med["zenlm-int8"]["ppl"] / med["zenlm"]["ppl"] - 1)
+    for n in ("zenlm-int8", "zenlm-bf16"):
+        if "zenlm" in med and n in med:
+            ratios[f"{n} perplexity change %"] = 100 * (med[n]["ppl"] / med["zenlm"]["ppl"] - 1)
     print("\nratios:")
     for k, v in ratios.items():
         print(f"  {k}: " + (", ".join(f"{a} {b:.2f}x" for a, b in v.items()) if isinstance(v, dict) else f"{v:+.2f}"))

@@ -4,8 +4,8 @@ For a GPT-2 shape (``GPT2LMHeadModel``) and a Llama shape (``LlamaForCausalLM``)
 384, vocab 8192, seq 256, batch 16 by default, as in the speed issue — zenlm builds the model,
 exports it to a Hugging Face folder and transformers loads that folder, so both start from the
 same weights. Each step is forward + backward + fused AdamW on the same batch. Modes: fp32
-eager, fp32 ``torch.compile`` and bf16 autocast (bf16 is ~20x slower on CPUs without native
-bf16, so it runs with a smaller batch; compare its ratio, not its absolute speed).
+eager, fp32 ``torch.compile`` and bf16 autocast (on CPUs without native bf16 it is emulated and
+~20x slower, so there it runs with a smaller batch: compare its ratio, not its speed).
 Contestants alternate step by step after warm-up steps; the median of ``--steps`` is reported
 with tokens/s, the ratio, model FLOPs utilisation against a matmul peak measured in the same
 run, and peak RSS of the whole process.
@@ -89,13 +89,21 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--bf16-batch", type=int, default=2)
+    p.add_argument("--bf16-batch", type=int, help="default: --batch where bf16 is native, else 2")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
 
     peak = peak_matmul_gflops()
+    # bf16 MFU is against the bf16 rate: several times fp32's on CPUs with native bf16
+    from zenlm.hardware import native_bf16
+
+    native = native_bf16()
+    peak_bf16 = (peak_matmul_gflops(n=2048 if native else 512, reps=2, dtype=torch.bfloat16)
+                 if "bf16" in args.modes else None)
+    if args.bf16_batch is None:  # emulated bf16 is so slow that a full batch would take minutes
+        args.bf16_batch = args.batch if native else 2
     rows = []
     for family in args.families:
         cfg, zen, hf = build_pair(family, args)
@@ -118,7 +126,8 @@ def main() -> None:
             fpt = flops_per_token(cfg)
             rows.append({"family": family, "mode": mode, "batch": batch_size, "tok_s": res,
                          "ratio": res["zenlm"] / res["transformers"],
-                         "mfu": {k: v * fpt / 1e9 / peak for k, v in res.items()}})
+                         "mfu": {k: v * fpt / 1e9 / (peak_bf16 if mode == "bf16" else peak)
+                                 for k, v in res.items()}})
             print(f"{family:6} {mode:8} zenlm {res['zenlm']:8,.0f} tok/s   transformers "
                   f"{res['transformers']:8,.0f} tok/s   ratio {rows[-1]['ratio']:.2f}x   "
                   f"MFU {100 * rows[-1]['mfu']['zenlm']:.0f}% vs {100 * rows[-1]['mfu']['transformers']:.0f}%",
@@ -126,11 +135,13 @@ def main() -> None:
     import transformers
 
     info = {"threads": torch.get_num_threads(), "peak_matmul_gflops": peak,
+            "peak_bf16_matmul_gflops": peak_bf16,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
             "shape": vars(args)}
-    print(f"threads {info['threads']}, fp32 matmul peak {peak:.0f} GFLOP/s, peak RSS "
+    print(f"threads {info['threads']}, fp32 matmul peak {peak:.0f} GFLOP/s"
+          + (f", bf16 {peak_bf16:.0f}" if peak_bf16 else "") + ", peak RSS "
           f"{info['peak_rss_mb']:.0f} MB (both models in one process), {info['versions']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

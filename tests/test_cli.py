@@ -67,6 +67,23 @@ def test_end_to_end_prepare_pretrain_generate_eval(cli_run, corpus_text):
     want = generate(loaded.model, loaded.tokenizer, "def main(", temperature=0, max_new_tokens=20)
     assert p.stdout == "def main(" + want + "\n"
 
+    # the fast decoding options give the library's own results for the same settings
+    import copy
+
+    import torch
+
+    from zenlm.infer.quantize import calibration_ids, quantize_int8
+
+    variants = {("--int8",): lambda m: quantize_int8(m),
+                ("--int8", "all"): lambda m: quantize_int8(m, calibration=calibration_ids(loaded.tokenizer)),
+                ("--dtype", "bf16"): lambda m: m.to(torch.bfloat16)}
+    for flags, prepare in variants.items():
+        p = run_cli("generate", "--run", run, "--prompt", "def main(", "--greedy", "--max-new-tokens", 12, *flags)
+        assert p.returncode == 0, (flags, p.stderr)
+        model = prepare(copy.deepcopy(loaded.model))
+        want = generate(model, loaded.tokenizer, "def main(", temperature=0, max_new_tokens=12)
+        assert p.stdout == "def main(" + want + "\n", flags
+
     # seeded sampling is reproducible across processes
     args = ("generate", "--run", run, "--prompt", "import ", "--temperature", 1.0, "--seed", 3,
             "--max-new-tokens", 15)

@@ -336,6 +336,27 @@ def test_gpt2_family_trains_too(tmp_path, make_cfg):
     assert "pos_emb.weight" in weights and "lm_head.weight" not in weights
 
 
+def test_dtype_auto_trains_in_the_precision_the_machine_computes_natively(tmp_path, make_cfg):
+    """dtype auto: bf16 autocast exactly where the CPU has native bf16 (flag and oneDNN agree),
+    fp32 elsewhere; the run says which, and a bf16 run's loss tracks the fp32 run's."""
+    from zenlm.hardware import NATIVE_BF16_FLAGS, cpu_flags, native_bf16, resolve_dtype
+
+    want = resolve_dtype("auto")
+    assert want == ("bf16" if native_bf16() else "fp32")
+    if not set(NATIVE_BF16_FLAGS) & cpu_flags():
+        assert want == "fp32"
+    assert resolve_dtype("fp32") == "fp32" and resolve_dtype("bf16") == "bf16"
+    lines = []
+    summary = pretrain(make_cfg(tmp_path / "auto", max_steps=3, dtype="auto"), log=lines.append)
+    assert summary["dtype"] == want
+    assert any(line.startswith("model:") and line.endswith(f"{want} (dtype auto)") for line in lines)
+    fp32 = pretrain(make_cfg(tmp_path / "fp32", max_steps=3), log=quiet)
+    bf16 = pretrain(make_cfg(tmp_path / "bf16", max_steps=3, dtype="bf16"), log=quiet)
+    assert fp32["dtype"] == "fp32" and bf16["dtype"] == "bf16"
+    for s in (1, 2, 3):  # bf16 rounding moves the loss a little, not the trajectory
+        assert abs(records(tmp_path / "fp32")[s]["loss"] - records(tmp_path / "bf16")[s]["loss"]) < 0.05
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(seq_len=128), "exceeds model.max_seq_len"),
     (dict(model={"vocab_size": 256}), "smaller than the tokenizer"),

@@ -45,6 +45,7 @@ class SpeedrunConfig:
     max_corpus_mb: float = 16.0  # a sample of the stdlib is plenty for 5 minutes
     lr: float = 3e-3
     batch_size: int = 16
+    dtype: str = "auto"  # bf16 autocast where the CPU has native bf16 (2x the tokens here), else fp32
     seed: int = 1337
 
 
@@ -113,7 +114,7 @@ def speedrun(cfg: SpeedrunConfig, log=print) -> Path:
            "train": {"out_dir": str(run), "max_minutes": cfg.minutes, "max_steps": None,
                      "batch_size": cfg.batch_size, "lr": cfg.lr, "warmup_frac": 0.03,
                      "eval_every": 0, "ckpt_every": 100, "eval_batches": 40, "seed": cfg.seed,
-                     "weight_decay": 0.1}}
+                     "weight_decay": 0.1, "dtype": cfg.dtype}}
     summary = pretrain(resolve(raw), log=log)
 
     log("[3/4] sampling completions of code prompts")
@@ -145,7 +146,7 @@ def render_report(cfg: SpeedrunConfig, corpus: str, manifest: dict, summary: dic
         f"- parameters: {summary['params']:,} ({summary['params_non_embedding']:,} non-embedding)",
         f"- steps: {summary['step']:,}; tokens seen: {summary['tokens']:,}",
         f"- training time: {summary['train_seconds']:.0f} s; throughput: {summary['tok_per_s']:,.0f} tokens/s "
-        f"({summary['threads']} threads)",
+        f"({summary['threads']} threads, {summary.get('dtype', 'fp32')})",
         f"- final val: loss {val.get('val_loss', float('nan')):.4f}, perplexity {val.get('val_ppl', float('nan')):.2f}, "
         f"**bits-per-byte {val.get('val_bpb', float('nan')):.4f}**",
         f"- wall time, all stages: {seconds:.0f} s",

@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     g.add_argument("--instruction", help="instruction before the examples (chat: the system message)")
     g.add_argument("--chat", choices=["auto", "yes", "no"], default="auto",
                    help="prompt through the chat template (auto: when the model has one)")
+    g.add_argument("--calibrate", action="store_true",
+                   help="prompting: divide out the label prior the prompt alone gives (contextual "
+                        "calibration: label probabilities after content-free texts)")
     g.add_argument("--confusion", help="write the confusion matrix to this PNG")
     p.set_defaults(func=run)
 
@@ -150,8 +153,8 @@ def _classify(args, loaded) -> dict:
         res, acc_norm = prompt_classify(model, tok, data.texts, gold, labels,
                                         [words.get(label, label) for label in labels], shots,
                                         chat=chat, template=args.prompt, instruction=args.instruction,
-                                        batch_size=args.batch_size)
-        mode = f"{args.shots}-shot {'chat' if chat else 'base'} prompt"
+                                        batch_size=args.batch_size, calibrate=args.calibrate)
+        mode = f"{args.shots}-shot {'chat' if chat else 'base'} prompt" + (", calibrated" if args.calibrate else "")
         out = {**res.as_dict(), "accuracy_norm": acc_norm}
     if args.confusion:
         from zenlm.explain.plots import plot_confusion

@@ -29,9 +29,12 @@ def add_sampling_args(p, *, max_new_tokens: int = 128) -> None:
                    help="decode with int8 weights and activations: about 2x faster on a CPU for "
                         "~1.4%% perplexity; 'all' also quantizes q/k/v and down_proj after "
                         "smoothing outliers into the weights: ~3x, +1.3-2.6%% (zenlm.infer.quantize)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="weights and activations: fp32 (default), bf16 (half the bytes per token; "
+                        "fast only where the CPU has native bf16), or auto (bf16 exactly there)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile (a one-time cost of tens of "
-                        "seconds; pays off for long or many generations)")
+                   help="compile the decode step with torch.compile (tens of seconds to compile; "
+                        "measured on a 2-core CPU it did not pay: see zenlm.infer.generate)")
 
 
 def sampling_config(args):
@@ -43,7 +46,7 @@ def sampling_config(args):
                           stop=args.stop, seed=args.seed)
 
 
-def load_for_text(source: str, int8: str | None = None, compile: bool = False):
+def load_for_text(source: str, int8: str | None = None, compile: bool = False, dtype: str = "fp32"):
     """``zenlm.load`` for commands that read and write text: the model must have a tokenizer."""
     import zenlm
     from zenlm.errors import TokenizerError
@@ -52,6 +55,12 @@ def load_for_text(source: str, int8: str | None = None, compile: bool = False):
     if loaded.tokenizer is None:
         raise TokenizerError(f"{source} has no tokenizer (a folder needs tokenizer.json, or "
                              f"vocab.json + merges.txt)")
+    from zenlm.hardware import resolve_dtype
+
+    if resolve_dtype(dtype, loaded.model.tok_emb.weight.device) == "bf16":
+        import torch
+
+        loaded.model.to(torch.bfloat16)
     if int8:
         from zenlm.infer.quantize import calibration_ids, quantize_int8
 
@@ -86,7 +95,7 @@ def run(args) -> int:
     from zenlm.infer import stream
 
     cfg = sampling_config(args)
-    loaded = load_for_text(args.model, args.int8, args.compile)
+    loaded = load_for_text(args.model, args.int8, args.compile, args.dtype)
     tok = loaded.tokenizer
     chat = bool(tok.chat_template) if args.chat is None else args.chat
     if chat:

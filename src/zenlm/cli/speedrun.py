@@ -14,6 +14,8 @@ def add_parser(sub) -> None:
     p.add_argument("--minutes", type=float, default=d.minutes, help=f"training budget (default {d.minutes:g})")
     p.add_argument("--size", choices=list(SIZES), default=d.size)
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=d.dtype,
+                   help="training precision (default auto: bf16 autocast where the CPU has native bf16)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=run)
 
@@ -23,5 +25,5 @@ def run(args) -> int:
 
     speedrun(SpeedrunConfig(corpus=args.corpus, name=args.name, runs_dir=args.runs_dir,
                             minutes=args.minutes, size=args.size, vocab_size=args.vocab_size,
-                            seed=args.seed))
+                            dtype=args.dtype, seed=args.seed))
     return 0

@@ -20,7 +20,8 @@ from zenlm.model.kv_cache import KVCache
 
 def rope_inv_freq(head_dim: int, base: float, scaling: dict | None = None) -> torch.Tensor:
     """The rotation frequency of each pair of channels, optionally rescaled for long contexts."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    # computed on the CPU even when modules are built on the meta device (real values needed)
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
     if scaling is None:
         return inv_freq
     kind, factor = scaling["rope_type"], float(scaling["factor"])
@@ -41,7 +42,7 @@ def rope_tables(head_dim: int, max_len: int, base: float,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape (max_len, head_dim) in the "rotate half" layout Llama uses."""
     inv_freq = rope_inv_freq(head_dim, base, scaling)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
 

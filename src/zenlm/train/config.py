@@ -33,7 +33,9 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
-    dtype: str = "fp32"  # fp32 | bf16 (autocast; for GPUs: this CPU has no native bf16)
+    # fp32 | bf16 (autocast, fp32 master weights) | auto: bf16 where the device computes it
+    # natively (GPUs; CPUs with AVX512-BF16/AMX, see zenlm.hardware), fp32 elsewhere
+    dtype: str = "fp32"
     compile: bool = False
     activation_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
@@ -53,8 +55,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_minutes is None:
             raise ConfigError("set train.max_steps or train.max_minutes (or both)")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"train.dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.dtype not in ("fp32", "bf16", "auto"):
+            raise ConfigError(f"train.dtype must be fp32, bf16 or auto, got {self.dtype!r}")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1")

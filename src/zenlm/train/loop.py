@@ -20,6 +20,7 @@ import torch
 
 from zenlm.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from zenlm.errors import CheckpointError, ConfigError
+from zenlm.hardware import resolve_dtype
 from zenlm.train.config import RunConfig, TrainConfig
 from zenlm.train.distributed import World, barrier, gather_objects, mean_across, setup, teardown
 from zenlm.train.optim import lr_at, make_adamw
@@ -156,8 +157,10 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
     n_emb = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("tok_emb.weight", "pos_emb.weight")))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = "" if n_train == n_params else f"; {n_train / 1e6:.3f}M trainable"
+    dtype = resolve_dtype(tc.dtype, device)
     log(f"model: {n_params / 1e6:.2f}M parameters ({(n_params - n_emb) / 1e6:.2f}M non-embedding"
-        f"{trainable}); {world.size} process(es) on {device}, {torch.get_num_threads()} threads each")
+        f"{trainable}); {world.size} process(es) on {device}, {torch.get_num_threads()} threads "
+        f"each, {dtype}" + (" (dtype auto)" if tc.dtype == "auto" else ""))
     if (about := task.describe()) is not None:
         log(about)
     train_model = torch.compile(model) if tc.compile else model
@@ -167,7 +170,7 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
         train_model = DDP(train_model, device_ids=[world.local_rank] if device.startswith("cuda") else None)
 
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=tc.dtype == "bf16")
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     metrics = open(metrics_path, "a") if world.is_main else None
 
     def emit(record: dict) -> None:
@@ -323,7 +326,7 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
             "train_seconds": round(train_seconds, 1),
             "tok_per_s": tokens / max(train_seconds, 1e-9), "params": n_params,
             "params_non_embedding": n_params - n_emb, "params_trainable": n_train,
-            "world_size": world.size, "threads": torch.get_num_threads(), "val": last_eval,
+            "world_size": world.size, "threads": torch.get_num_threads(), "dtype": dtype, "val": last_eval,
         }
         if tc.early_stop_patience:
             summary["best"] = dict(best)
