@@ -6,8 +6,9 @@ honest), contestants alternating, repeated ``--reps`` times (median reported):
   * prefill: tokens/s of one forward over a 512-token prompt (after a warm-up forward);
   * decode: greedy tokens/s for 128 new tokens at batch 1 and batch 8;
   * peak RSS of the process.
-Contestants: zenlm fp32, zenlm int8 (``zenlm.infer.quantize``), zenlm bf16 weights (only on
-CPUs with native bf16, see ``zenlm.hardware``), transformers fp32
+Contestants: zenlm fp32, zenlm int8 (``zenlm.infer.quantize``), zenlm bf16 weights and int8
+with its float layers in bf16 (these two only on CPUs with native bf16, see
+``zenlm.hardware``), transformers fp32
 (``from_pretrained(gguf_file=...)`` + ``generate``), and llama-cpp-python on the same Q4_1 GGUF
 when it is installed (``pip install llama-cpp-python``; it compiles llama.cpp, ~9 minutes).
 Perplexity on the first 20,000 characters of GPL-3 (512-token windows) is reported for zenlm
@@ -37,7 +38,7 @@ PPL_TEXT = Path("/usr/share/common-licenses/GPL-3")
 PPL_CHARS = 20_000
 NEW_TOKENS = 128
 PROMPT_TOKENS = 512
-CONTESTANTS = ("zenlm", "zenlm-int8", "zenlm-bf16", "hf", "llama.cpp")
+CONTESTANTS = ("zenlm", "zenlm-int8", "zenlm-bf16", "zenlm-int8-bf16", "hf", "llama.cpp")
 
 
 def gguf_path() -> Path:
@@ -62,12 +63,12 @@ def run_zenlm(int8: bool, threads: int, bf16: bool = False) -> dict:
     from zenlm.infer.generate import token_steps
 
     lm = zenlm.load("smollm2")
+    if bf16:  # before int8: the projections int8 leaves in float become bf16
+        lm.model.to(torch.bfloat16)
     if int8:
         from zenlm.infer.quantize import quantize_int8
 
         quantize_int8(lm.model)
-    if bf16:
-        lm.model.to(torch.bfloat16)
     model, tok = lm.model, lm.tokenizer
     ids = tok.encode_prompt("Once upon a time")
     next(iter(token_steps(model, [ids], SamplingConfig(max_new_tokens=1, temperature=0))))
@@ -199,6 +200,8 @@ def child(name: str, threads: int) -> None:
         r = run_zenlm(True, threads)
     elif name == "zenlm-bf16":
         r = run_zenlm(False, threads, bf16=True)
+    elif name == "zenlm-int8-bf16":
+        r = run_zenlm(True, threads, bf16=True)
     elif name == "hf":
         r = run_hf(threads)
     else:
@@ -249,9 +252,10 @@ def main() -> None:
         names.remove("llama.cpp")
     from zenlm.hardware import native_bf16
 
-    if "zenlm-bf16" in names and not native_bf16():
-        print("zenlm-bf16: skipped (this CPU has no native bf16: it would be emulated, ~100x slower)")
-        names.remove("zenlm-bf16")
+    for n in ("zenlm-bf16", "zenlm-int8-bf16"):
+        if n in names and not native_bf16():
+            print(f"{n}: skipped (this CPU has no native bf16: it would be emulated, ~100x slower)")
+            names.remove(n)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for rep in range(args.reps):  # alternate contestants within every repetition
         for n in names:
@@ -264,13 +268,13 @@ def main() -> None:
     med = {n: {k: (statistics.median(v) if (v := [r[k] for r in rs if r.get(k) is not None]) else None)
                for k in keys} for n, rs in runs.items() if rs}
     print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF), {args.threads} threads, median of {args.reps}\n")
-    header = f"{'':22}" + "".join(f"{n:>14}" for n in med)
+    header = f"{'':22}" + "".join(f"{n:>17}" for n in med)
     print(header)
     fmt = {"cold_start_s": "{:.2f}", "prefill_tok_s": "{:.0f}", "decode_b1_tok_s": "{:.1f}",
            "decode_b8_tok_s": "{:.1f}", "peak_rss_mb": "{:.0f}", "ppl": "{:.3f}"}
     for k in keys:
         cells = [("-" if med[n][k] is None else fmt[k].format(med[n][k])) for n in med]
-        print(f"{k:22}" + "".join(f"{c:>14}" for c in cells))
+        print(f"{k:22}" + "".join(f"{c:>17}" for c in cells))
     ratios = {}
     if "hf" in med:
         for n in med:
@@ -285,7 +289,7 @@ def main() -> None:
         for n in med:
             if n.startswith("zenlm"):
                 ratios[f"{n}/llama.cpp"] = {"decode_b1": med[n]["decode_b1_tok_s"] / med["llama.cpp"]["decode_b1_tok_s"]}
-    for n in ("zenlm-int8", "zenlm-bf16"):
+    for n in ("zenlm-int8", "zenlm-bf16", "zenlm-int8-bf16"):
         if "zenlm" in med and n in med:
             ratios[f"{n} perplexity change %"] = 100 * (med[n]["ppl"] / med["zenlm"]["ppl"] - 1)
     print("\nratios:")

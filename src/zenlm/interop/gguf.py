@@ -74,20 +74,23 @@ def fast_dequantize(data: np.ndarray, qtype: int) -> np.ndarray | None:
     """
     from gguf import GGMLQuantizationType as Q
 
+    # One float32 output written in place: no temporaries the size of the tensor, so loading
+    # does not raise the peak memory above the weights themselves.
     if qtype in (Q.Q4_0, Q.Q4_1):
         head = 2 if qtype == Q.Q4_0 else 4
         b = _blocks(data, head + 16)
         d = b[:, :2].contiguous().view(torch.float16).float()
         qs = b[:, head:]
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=1)  # low nibbles are elements 0-15, high 16-31
+        out = torch.empty(b.shape[0], 32)
+        torch.bitwise_and(qs, 0x0F, out=out[:, :16])  # low nibbles are elements 0-15, high 16-31
+        torch.bitwise_right_shift(qs, 4, out=out[:, 16:])
         if qtype == Q.Q4_0:
-            return (d * (q.to(torch.int8) - 8).float()).numpy()
-        m = b[:, 2:4].contiguous().view(torch.float16).float()
-        return (d * q.float() + m).numpy()
+            return out.sub_(8).mul_(d).numpy()
+        return out.mul_(d).add_(b[:, 2:4].contiguous().view(torch.float16).float()).numpy()
     if qtype == Q.Q8_0:
         b = _blocks(data, 34)
-        d = b[:, :2].contiguous().view(torch.float16).float()
-        return (b[:, 2:].contiguous().view(torch.int8).float() * d).numpy()
+        out = b[:, 2:].view(torch.int8).float()
+        return out.mul_(b[:, :2].contiguous().view(torch.float16).float()).numpy()
     return None
 
 
