@@ -90,7 +90,7 @@ def test_set_overrides_win_over_the_recipe(tmp_path):
     ("model.norm=batchnorm", "model.norm must be one of"),
     ("train=3", "train must be a mapping"),
     ("train.lr.x=1", "train.lr must be float"),
-    ("train.dtype=fp16", "train.dtype must be fp32 or bf16"),
+    ("train.dtype=fp16", "train.dtype must be fp32, bf16 or auto"),
     ("train.batch_size=0", "train.batch_size must be at least 1"),
 ])
 def test_bad_types_give_config_error(pair, match):
