@@ -77,6 +77,14 @@ def test_end_to_end_prepare_pretrain_generate_eval(cli_run, corpus_text):
     variants = {("--int8",): lambda m: quantize_int8(m),
                 ("--int8", "all"): lambda m: quantize_int8(m, calibration=calibration_ids(loaded.tokenizer)),
                 ("--dtype", "bf16"): lambda m: m.to(torch.bfloat16)}
+    from zenlm.hardware import native_bf16
+
+    if native_bf16():  # int4 refuses CPUs that only emulate bf16
+        from zenlm.infer.quantize import quantize_int4
+
+        variants[("--int4",)] = quantize_int4
+    p = run_cli("generate", "--run", run, "--prompt", "x", "--int4", "--int8")
+    assert p.returncode == 2 and "choose one of --int4 and --int8" in p.stderr
     for flags, prepare in variants.items():
         p = run_cli("generate", "--run", run, "--prompt", "def main(", "--greedy", "--max-new-tokens", 12, *flags)
         assert p.returncode == 0, (flags, p.stderr)

