@@ -19,7 +19,6 @@ positions that restart per conversation), so packing changes the speed, not the 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,42 +47,35 @@ def read_conversations(path: str | Path, *, messages_field: str = "messages",
     """Conversations from JSONL: ``{"messages": [{"role", "content"}, ...]}`` per line, or a
     prompt/response pair of fields (``question``/``answer`` in GSM8K) turned into one user
     and one assistant message."""
+    from zenlm.data.tables import read_table
+
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"file not found: {p}")
+    _, rows = read_table(p, "jsonl")  # one JSON object per line; blank lines skipped
     out = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{p} line {i} is not valid JSON: {exc.msg}") from None
+    for i, row in enumerate(rows, 1):
         if prompt_field or response_field:
             if not (prompt_field and response_field):
                 raise DataError("give both a prompt field and a response field")
             missing = [f for f in (prompt_field, response_field) if f not in row]
             if missing:
-                raise DataError(f"{p} line {i} has no field {missing[0]!r} (it has {', '.join(row)})")
+                raise DataError(f"{p} row {i} has no field {missing[0]!r} (it has {', '.join(row)})")
             messages = [{"role": "user", "content": str(row[prompt_field])},
                         {"role": "assistant", "content": str(row[response_field])}]
         else:
-            messages = row.get(messages_field) if isinstance(row, dict) else None
+            messages = row.get(messages_field)
             if not isinstance(messages, list) or not messages:
-                raise DataError(f"{p} line {i} has no {messages_field!r} list of messages "
+                raise DataError(f"{p} row {i} has no {messages_field!r} list of messages "
                                 f"(or pass a prompt and a response field)")
             for m in messages:
                 if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                    raise DataError(f"{p} line {i}: every message needs a role and a content")
+                    raise DataError(f"{p} row {i}: every message needs a role and a content")
                 if m["role"] not in ROLES:
-                    raise DataError(f"{p} line {i}: unknown role {m['role']!r} (use {', '.join(ROLES)})")
+                    raise DataError(f"{p} row {i}: unknown role {m['role']!r} (use {', '.join(ROLES)})")
         if system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system}, *messages]
         if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{p} line {i} has no assistant message to learn from")
+            raise DataError(f"{p} row {i} has no assistant message to learn from")
         out.append(messages)
-    if not out:
-        raise DataError(f"{p} holds no conversations")
     return out
 
 
