@@ -145,6 +145,16 @@ def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = 0.6) -> nn.Module
     return model
 
 
+def replace_projections(model: nn.Module, make) -> None:
+    """Swap each ``nn.Linear`` of the blocks' attention and MLP for ``make(name, linear)``
+    (kept as it is where that returns None)."""
+    for block in model.blocks:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and (new := make(name, child)) is not None:
+                    setattr(parent, name, new)
+
+
 @torch.no_grad()
 def quantize_int8(model: nn.Module, skip: tuple[str, ...] | None = None,
                   calibration: torch.Tensor | None = None, alpha: float = 0.6) -> nn.Module:
@@ -159,13 +169,8 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] | None = None,
         smooth(model, calibration, alpha)
     if skip is None:
         skip = () if calibration is not None else FLOAT_BY_DEFAULT
-    for block in model.blocks:
-        for parent in (block.attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and name not in skip:
-                    setattr(parent, name, Int8Linear.from_linear(child))
-    head = model.lm_head if model.lm_head is not None else None
-    model.lm_head = Int8Linear(model.tok_emb.weight if head is None else head.weight, None)
+    replace_projections(model, lambda name, lin: None if name in skip else Int8Linear.from_linear(lin))
+    model.lm_head = Int8Linear(model.head_weight(), None)
     model.quantized = "int8" if calibration is None else "int8-smoothed"
     return model.eval()
 
@@ -241,12 +246,9 @@ def quantize_int4(model: nn.Module, group_size: int = 32, head: str = "int8") ->
     def fits(w: torch.Tensor) -> bool:  # the kernel's shape rules; other layers stay bf16
         return w.shape[1] % group_size == 0 and w.shape[0] % 16 == 0
 
-    for block in model.blocks:
-        for parent in (block.attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and fits(child.weight):
-                    setattr(parent, name, Int4Linear(child.weight, child.bias, group_size))
-    weight = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
+    replace_projections(model, lambda _, lin: Int4Linear(lin.weight, lin.bias, group_size)
+                        if fits(lin.weight) else None)
+    weight = model.head_weight()
     if head == "int8":
         model.lm_head = Int8Linear(weight, None)
     elif head == "int4" and fits(weight):
