@@ -6,20 +6,28 @@ import copy
 
 import torch
 
+import pytest
+
+from zenlm.hardware import native_bf16
 from zenlm.infer import generate
 from zenlm.infer.quantize import INT8_MAX_ROWS, Int8Linear, quantize_int8
 
+NATIVE_BF16 = pytest.mark.skipif(not native_bf16(), reason="weight-only int8 computes in bf16, "
+                                 "which this CPU only emulates (~20x slower than fp32)")
 
-def test_int8_linear_matches_float_within_quantization_error():
+
+@pytest.mark.parametrize("activations", ["int8", pytest.param("bf16", marks=NATIVE_BF16)])
+def test_int8_linear_matches_float_within_quantization_error(activations):
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 160)
-    q = Int8Linear.from_linear(lin)
+    q = Int8Linear.from_linear(lin, activations)
     for rows in (1, 7, INT8_MAX_ROWS, INT8_MAX_ROWS + 1, 200):  # the int8 and the dequantized path
         x = torch.randn(rows, 96)
         ref = lin(x)
-        err = (q(x) - ref).abs().max() / ref.abs().max()
-        assert err < 0.02, (rows, float(err))
-    assert q.weight_t.dtype == torch.int8 and q.weight_t.shape == (96, 160)
+        out = q(x)
+        err = (out - ref).abs().max() / ref.abs().max()
+        assert out.dtype == torch.float32 and err < 0.02, (rows, float(err))
+    assert q.qweight.dtype == torch.int8 and q.qweight.shape == (160, 96)
 
 
 def test_quantized_model_keeps_loss_and_greedy_text(loaded, corpus_text, monkeypatch):
@@ -29,10 +37,12 @@ def test_quantized_model_keeps_loss_and_greedy_text(loaded, corpus_text, monkeyp
     monkeypatch.setattr(quantize, "INT8_MAX_ROWS", 1 << 30)  # score through the int8 x int8 path
 
     model = copy.deepcopy(loaded.model)
-    quantize_int8(model)
-    assert isinstance(model.blocks[0].attn.o_proj, Int8Linear) and isinstance(model.blocks[0].mlp.up_proj, Int8Linear)
-    assert isinstance(model.blocks[0].mlp.down_proj, torch.nn.Linear)  # kept float by default
-    assert isinstance(model.blocks[0].attn.q_proj, torch.nn.Linear)
+    quantize_int8(model, activations="int8")
+    block = model.blocks[0]
+    assert isinstance(block.attn.o_proj, Int8Linear) and isinstance(block.mlp.gate_up_proj, Int8Linear)
+    assert isinstance(block.mlp.down_proj, torch.nn.Linear)  # kept float by default
+    assert isinstance(block.attn.qkv_proj, torch.nn.Linear)  # q/k/v fused, kept float
+    assert not hasattr(block.attn, "q_proj")
     text = corpus_text[:4000]
     base = evaluate_text(loaded.model, loaded.tokenizer, text, seq_len=32).loss
     quant = evaluate_text(model, loaded.tokenizer, text, seq_len=32).loss
@@ -60,13 +70,47 @@ def test_smoothing_keeps_the_float_model_and_lets_every_projection_go_int8(loade
     assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
     changed = smoothed.blocks[0].attn_norm.weight != loaded.model.blocks[0].attn_norm.weight
     assert changed.any()  # the factors really moved something
-    model = quantize_int8(copy.deepcopy(loaded.model), calibration=calib)
+    model = quantize_int8(copy.deepcopy(loaded.model), calibration=calib, activations="int8")
     lins = [m for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)]
     assert lins == [] and model.quantized == "int8-smoothed"
     text = corpus_text[:4000]
     base = evaluate_text(loaded.model, tok, text, seq_len=32).loss
     quant = evaluate_text(model, tok, text, seq_len=32).loss
     assert abs(quant - base) / base < 0.02
+
+
+@NATIVE_BF16
+def test_weight_only_int8_quantizes_every_projection_and_keeps_loss_and_greedy_text(loaded, corpus_text):
+    """Where bf16 is native, int8 weights meet bf16 inputs (no input rounding), so every
+    projection goes int8 without smoothing, and the model stays within 1% of the float loss."""
+    from zenlm.eval.perplexity import evaluate_text
+
+    model = quantize_int8(copy.deepcopy(loaded.model))  # auto: weight-only here
+    assert model.quantized == "int8-weights"
+    assert [m for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)] == []
+    text = corpus_text[:4000]
+    base = evaluate_text(loaded.model, loaded.tokenizer, text, seq_len=32, batch=1).loss
+    quant = evaluate_text(model, loaded.tokenizer, text, seq_len=32, batch=1).loss  # 32 rows: int8 path
+    assert abs(quant - base) / base < 0.01, (base, quant)
+    prompt = "def main():\n"
+    a = generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=16, temperature=0)
+    b = generate(model, loaded.tokenizer, prompt, max_new_tokens=16, temperature=0)
+    assert len(b) > 0 and a[:8] == b[:8]
+
+
+def test_fused_projections_compute_the_same_function(loaded):
+    """q/k/v and gate/up fused into single matrices (what the quantizers decode with) give the
+    unfused model's logits, with and without a KV cache."""
+    model = copy.deepcopy(loaded.model).fuse_projections()
+    assert hasattr(model.blocks[0].attn, "qkv_proj") and not hasattr(model.blocks[0].attn, "q_proj")
+    x = torch.tensor([loaded.tokenizer.encode("def main():\n    return 0\n")[:12]])
+    with torch.no_grad():
+        ref = loaded.model(x)
+        assert (model(x) - ref).abs().max() < 1e-4 * ref.abs().max()
+        cache = model.new_cache(1, 16)
+        model(x[:, :-1], cache=cache)
+        step = model(x[:, -1:], cache=cache)
+    assert (step[0, -1] - ref[0, -1]).abs().max() < 1e-4 * ref.abs().max()
 
 
 def test_int4_linear_computes_with_groupwise_4bit_weights():
@@ -96,7 +140,7 @@ def test_int4_model_keeps_the_loss_and_skips_layers_the_kernel_cannot_take(loade
 
     model = quantize_int4(copy.deepcopy(loaded.model))
     block = model.blocks[0]
-    for lin in (block.attn.q_proj, block.attn.o_proj, block.mlp.up_proj, block.mlp.down_proj):
+    for lin in (block.attn.qkv_proj, block.attn.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj):
         fits = lin.in_features % 32 == 0 and lin.out_features % 16 == 0
         assert isinstance(lin, Int4Linear) == fits
     text = corpus_text[:4000]
@@ -128,7 +172,7 @@ def test_int4_reads_smollm2s_q4_1_weights_back_almost_exactly():
         ref = lm.model(x)[0].float().log_softmax(-1)
         quantize_int4(lm.model)
         got = lm.model(x)[0].float().log_softmax(-1)
-    w_hat = lm.model.blocks[3].mlp.up_proj.dequantized()
+    w_hat = lm.model.blocks[3].mlp.gate_up_proj.dequantized()[up.shape[0]:]  # gate, then up
     assert (w_hat - up).abs().max() < 0.01 * up.abs().max()  # only the bf16 scales are rounded
     kl = (ref.exp() * (ref - got)).sum(-1).mean()
     assert kl < 0.01, float(kl)

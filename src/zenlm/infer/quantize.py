@@ -43,34 +43,51 @@ INT8_MAX_ROWS = 32  # above this many rows (prefill), dequantize and use the flo
 
 
 class Int8Linear(nn.Module):
-    """A frozen ``nn.Linear`` stored as int8 rows; computes with int8 x int8 -> int32."""
+    """A frozen ``nn.Linear`` stored as int8 rows (one scale each).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    ``activations`` says how a token's input meets those weights:
+    "int8" quantizes each input row to int8 too and multiplies int8 x int8 -> int32 in oneDNN
+    (fast on any x86 CPU, but the input's rounding costs accuracy where a few channels carry
+    outliers); "bf16" keeps the input in bf16 and multiplies by the int8 weights directly
+    (weight-only: only the weights' rounding is lost), which is fast only on CPUs with native
+    bf16 — elsewhere torch's kernel for it runs ~20x slower than fp32.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activations: str = "int8"):
         super().__init__()
+        if activations not in ("int8", "bf16"):
+            raise ValueError(f"activations must be int8 or bf16, got {activations!r}")
         q, scale = quantize_rows(weight.detach().float())
-        self.register_buffer("weight_t", q.t())  # (in, out): the layout _int_mm reads as its B
+        self.register_buffer("qweight", q)  # (out, in); _int_mm reads its transpose as B
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.activations = activations
+        if activations == "bf16":
+            self.register_buffer("scale_bf16", scale.to(torch.bfloat16))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        return cls(linear.weight, linear.bias)
+    def from_linear(cls, linear: nn.Linear, activations: str = "int8") -> "Int8Linear":
+        return cls(linear.weight, linear.bias, activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float()
+        x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] > INT8_MAX_ROWS:
             # Prefill: many rows make the float GEMM compute-bound and far faster than this
             # CPU's int8 path, so dequantize the weight once for the whole chunk.
-            y = torch.mm(x2, self.weight_t.float() * self.scale)
+            y = torch.mm(x2.float(), self.qweight.t().float() * self.scale)
+        elif self.activations == "bf16":
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale_bf16)
         else:
+            x2 = x2.float()
             xs = torch.linalg.vector_norm(x2, ord=float("inf"), dim=1, keepdim=True).clamp_(min=1e-12) / 127.0
             xq = torch.round(x2 / xs).to(torch.int8)
-            y = torch._int_mm(xq, self.weight_t).float().mul_(xs).mul_(self.scale)
+            y = torch._int_mm(xq, self.qweight.t()).float().mul_(xs).mul_(self.scale)
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
 
 
 # A few lines of mixed text for calibration when the caller gives none: the channels that
@@ -145,6 +162,14 @@ def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = 0.6) -> nn.Module
     return model
 
 
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def named_as(name: str, names: tuple[str, ...]) -> bool:
+    """Whether projection ``name`` is, or fuses (see ``Transformer.fuse_projections``), one of ``names``."""
+    return name in names or any(part in names for part in FUSED.get(name, ()))
+
+
 def replace_projections(model: nn.Module, make) -> None:
     """Swap each ``nn.Linear`` of the blocks' attention and MLP for ``make(name, linear)``
     (kept as it is where that returns None)."""
@@ -157,21 +182,31 @@ def replace_projections(model: nn.Module, make) -> None:
 
 @torch.no_grad()
 def quantize_int8(model: nn.Module, skip: tuple[str, ...] | None = None,
-                  calibration: torch.Tensor | None = None, alpha: float = 0.6) -> nn.Module:
+                  calibration: torch.Tensor | None = None, alpha: float = 0.6,
+                  activations: str = "auto") -> nn.Module:
     """Replace the linear layers of a zenlm Transformer (and its output head) in place.
 
-    With ``calibration`` token ids (B, T), outliers are first smoothed into the weights
-    (:func:`smooth`) and every projection becomes int8; without, ``skip`` names projections
-    kept in float (default: those whose inputs carry the worst outliers, see the module
-    docstring).
+    ``activations`` (see :class:`Int8Linear`): "auto" is "bf16" (weight-only) where the CPU
+    has native bf16, else "int8". Weight-only int8 loses little, so every projection goes to
+    int8. With int8 activations, ``calibration`` token ids (B, T) first smooth outliers into
+    the weights (:func:`smooth`) and then every projection becomes int8; without, ``skip``
+    names projections kept in float (default: those whose inputs carry the worst outliers,
+    see the module docstring). q/k/v and gate/up are fused first (fewer products per token).
     """
-    if calibration is not None:
+    if activations == "auto":
+        from zenlm.hardware import native_bf16
+
+        activations = "bf16" if native_bf16(model.tok_emb.weight.device) else "int8"
+    if activations == "int8" and calibration is not None:
         smooth(model, calibration, alpha)
     if skip is None:
-        skip = () if calibration is not None else FLOAT_BY_DEFAULT
-    replace_projections(model, lambda name, lin: None if name in skip else Int8Linear.from_linear(lin))
+        skip = FLOAT_BY_DEFAULT if activations == "int8" and calibration is None else ()
+    model.fuse_projections()
+    replace_projections(model, lambda name, lin: None if named_as(name, skip)
+                        else Int8Linear.from_linear(lin, activations))
     model.lm_head = Int8Linear(model.head_weight(), None)
-    model.quantized = "int8" if calibration is None else "int8-smoothed"
+    model.quantized = ("int8-weights" if activations == "bf16"
+                       else "int8" if calibration is None else "int8-smoothed")
     return model.eval()
 
 
@@ -229,23 +264,27 @@ class Int4Linear(nn.Module):
 
 @torch.no_grad()
 def quantize_int4(model: nn.Module, group_size: int = 32, head: str = "int8") -> nn.Module:
-    """Every projection of the blocks to :class:`Int4Linear`, the output head to ``head``
-    (int8 | int4 | bf16), the rest (embeddings, norms) to bf16, in place.
+    """Every projection of the blocks to :class:`Int4Linear` (q/k/v and gate/up fused first),
+    the output head to ``head`` (int8 | int4 | float), in place.
 
-    The head defaults to int8: it is a sixth of SmolLM2's weights but decides every token, and
-    GGUF files often store it at 8 bits (SmolLM2: Q8_0). Measured (SmolLM2, KL from fp32 over
-    200 tokens, decode tokens/s): int8 head 0.0036, 97.5; bf16 head 0.0024, 85.8; int4 head
-    0.047, 100. CPU only; fast only where bf16 is native (``zenlm.hardware.native_bf16``).
+    Everything else (embeddings, norms, attention over the KV cache) stays in the model's float
+    type: those are a few small ops per layer, and in bf16 they run slower on a CPU than in
+    fp32 (attention over 200 cached positions: ~86 against ~14 us), so only the big products
+    go through bf16. The head defaults to int8: it is a sixth of SmolLM2's weights but decides
+    every token, and GGUF files often store it at 8 bits (SmolLM2: Q8_0). Measured (SmolLM2,
+    KL from fp32 over 200 tokens, decode tokens/s): int8 head 0.0036, 97.5; bf16 head 0.0024,
+    85.8; int4 head 0.047, 100. CPU only; fast only where bf16 is native
+    (``zenlm.hardware.native_bf16``).
     """
-    if head not in ("int8", "int4", "bf16"):
-        raise ValueError(f"head must be int8, int4 or bf16, got {head!r}")
+    if head not in ("int8", "int4", "float"):
+        raise ValueError(f"head must be int8, int4 or float, got {head!r}")
     if model.tok_emb.weight.device.type != "cpu":
         raise ValueError("int4 decoding uses torch's CPU int4 kernel: move the model to the CPU")
-    model.to(torch.bfloat16)
 
-    def fits(w: torch.Tensor) -> bool:  # the kernel's shape rules; other layers stay bf16
+    def fits(w: torch.Tensor) -> bool:  # the kernel's shape rules; other layers stay float
         return w.shape[1] % group_size == 0 and w.shape[0] % 16 == 0
 
+    model.fuse_projections()
     replace_projections(model, lambda _, lin: Int4Linear(lin.weight, lin.bias, group_size)
                         if fits(lin.weight) else None)
     weight = model.head_weight()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zenlm.config import TransformerConfig
-from zenlm.model.attention import Attention
+from zenlm.model.attention import Attention, fuse_linears
 from zenlm.model.kv_cache import KVCache
 
 
@@ -32,8 +32,20 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, h, bias=config.bias)
         self.down_proj = nn.Linear(h, d, bias=config.bias)
         self.down_proj.residual_init = True
+        self.gate_up_proj: nn.Module | None = None  # for inference: see fuse_projections
+
+    def fuse_projections(self) -> None:
+        """SwiGLU's gate and up in one matrix (see ``Attention.fuse_projections``)."""
+        if self.kind != "swiglu" or self.gate_up_proj is not None:
+            return
+        if type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
+            self.gate_up_proj = fuse_linears((self.gate_proj, self.up_proj))
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         if self.kind == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         approximate = "tanh" if self.kind == "gelu" else "none"
@@ -51,5 +63,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, attn_mask))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = x + self._drop(self.attn(self.attn_norm(x), rope, cache, attn_mask))
+        return x + self._drop(self.mlp(self.mlp_norm(x)))
+
+    def _drop(self, h: torch.Tensor) -> torch.Tensor:
+        # not even called when it would do nothing: a module call per use adds up when decoding
+        return self.drop(h) if self.training and self.drop.p > 0 else h

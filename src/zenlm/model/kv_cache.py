@@ -13,15 +13,16 @@ import torch
 class KVCache:
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, max_len: int,
                  *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, n_kv_head, max_len, head_dim)
+        # a key and a value tensor per layer (not one stacked tensor: no per-token indexing)
+        self.layers = [(torch.zeros(shape, dtype=dtype, device=device),
+                        torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_layer)]
         self.max_len = max_len
         self.pos = 0  # positions filled so far (shared by every layer once a forward completes)
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.layers[0][0].shape[0]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v for the new positions of ``layer``; return the keys/values seen so far."""
@@ -29,9 +30,10 @@ class KVCache:
         end = self.pos + t
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked for {end}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.layers[layer]
+        keys[:, :, self.pos:end] = k
+        values[:, :, self.pos:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, t: int) -> None:
         """Called by the model once every layer has stored the ``t`` new positions."""
