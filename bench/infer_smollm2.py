@@ -6,13 +6,15 @@ honest), contestants alternating, repeated ``--reps`` times (median reported):
   * prefill: tokens/s of one forward over a 512-token prompt (after a warm-up forward);
   * decode: greedy tokens/s for 128 new tokens at batch 1 and batch 8;
   * peak RSS of the process.
-Contestants: zenlm fp32, zenlm int8 (``zenlm.infer.quantize``), zenlm bf16 weights and int8
-with its float layers in bf16, zenlm int4 (4-bit weights in groups of 32, bf16 activations;
-these three only on CPUs with native bf16, see ``zenlm.hardware``), transformers fp32
+Contestants: zenlm fp32, zenlm int8 (``zenlm.infer.quantize``: weight-only with bf16 inputs
+where the CPU has native bf16, int8 inputs elsewhere), zenlm bf16 weights and zenlm int4 (4-bit
+weights in groups of 32, bf16 inputs; these two only on CPUs with native bf16, see
+``zenlm.hardware``), transformers fp32
 (``from_pretrained(gguf_file=...)`` + ``generate``), and llama-cpp-python on the same Q4_1 GGUF
 when it is installed (``pip install llama-cpp-python``; it compiles llama.cpp, ~9 minutes).
-Perplexity on the first 20,000 characters of GPL-3 (512-token windows) is reported for zenlm
-fp32 and int8 (the cost of int8) and for transformers.
+Perplexity on the first 20,000 characters of GPL-3 (512-token windows) is reported for every
+zenlm variant (quantized ones scored through the same kernels decoding uses) and transformers.
+zenlm decodes as ``zenlm generate`` does: q/k/v and gate/up fused (``fuse_projections``).
 
     . .venv/bin/activate
     python bench/infer_smollm2.py                 # ~10 minutes on 2 cores; JSON to bench/results/
@@ -38,7 +40,7 @@ PPL_TEXT = Path("/usr/share/common-licenses/GPL-3")
 PPL_CHARS = 20_000
 NEW_TOKENS = 128
 PROMPT_TOKENS = 512
-CONTESTANTS = ("zenlm", "zenlm-int8", "zenlm-bf16", "zenlm-int8-bf16", "zenlm-int4", "hf", "llama.cpp")
+CONTESTANTS = ("zenlm", "zenlm-int8", "zenlm-bf16", "zenlm-int4", "hf", "llama.cpp")
 
 
 def gguf_path() -> Path:
@@ -63,11 +65,12 @@ def run_zenlm(int8: bool, threads: int, bf16: bool = False, int4: bool = False) 
     from zenlm.infer.generate import token_steps
 
     lm = zenlm.load("smollm2")
+    lm.model.fuse_projections()
     if int4:
         from zenlm.infer.quantize import quantize_int4
 
         quantize_int4(lm.model)
-    if bf16:  # before int8: the projections int8 leaves in float become bf16
+    if bf16:
         lm.model.to(torch.bfloat16)
     if int8:
         from zenlm.infer.quantize import quantize_int8
@@ -93,7 +96,7 @@ def run_zenlm(int8: bool, threads: int, bf16: bool = False, int4: bool = False) 
     out = measure(prefill, decode, first_token)
     from zenlm.eval.perplexity import evaluate_text
 
-    if int8:  # score through the int8 x int8 path that decoding uses, not the prefill fallback
+    if int8 or int4:  # score through the kernels decoding uses, not the prefill fallback
         import zenlm.infer.quantize as quantize
 
         quantize.INT8_MAX_ROWS = 1 << 30
@@ -204,8 +207,6 @@ def child(name: str, threads: int) -> None:
         r = run_zenlm(True, threads)
     elif name == "zenlm-bf16":
         r = run_zenlm(False, threads, bf16=True)
-    elif name == "zenlm-int8-bf16":
-        r = run_zenlm(True, threads, bf16=True)
     elif name == "zenlm-int4":
         r = run_zenlm(False, threads, int4=True)
     elif name == "hf":
@@ -258,7 +259,7 @@ def main() -> None:
         names.remove("llama.cpp")
     from zenlm.hardware import native_bf16
 
-    for n in ("zenlm-bf16", "zenlm-int8-bf16", "zenlm-int4"):
+    for n in ("zenlm-bf16", "zenlm-int4"):
         if n in names and not native_bf16():
             print(f"{n}: skipped (this CPU has no native bf16: it would be emulated, ~100x slower)")
             names.remove(n)
@@ -295,7 +296,7 @@ def main() -> None:
         for n in med:
             if n.startswith("zenlm"):
                 ratios[f"{n}/llama.cpp"] = {"decode_b1": med[n]["decode_b1_tok_s"] / med["llama.cpp"]["decode_b1_tok_s"]}
-    for n in ("zenlm-int8", "zenlm-bf16", "zenlm-int8-bf16", "zenlm-int4"):
+    for n in ("zenlm-int8", "zenlm-bf16", "zenlm-int4"):
         if "zenlm" in med and n in med:
             ratios[f"{n} perplexity change %"] = 100 * (med[n]["ppl"] / med["zenlm"]["ppl"] - 1)
     print("\nratios:")

@@ -64,9 +64,12 @@ def test_smoothing_keeps_the_float_model_and_lets_every_projection_go_int8(loade
     tok = loaded.tokenizer
     x = torch.tensor([tok.encode(corpus_text[5000:5400])[:48]])
     calib = calibration_ids(tok)
-    smoothed = smooth(copy.deepcopy(loaded.model), calib)
     with torch.no_grad():
-        ref, got = loaded.model(x), smoothed(x)
+        ref = loaded.model(x)
+        fused = smooth(copy.deepcopy(loaded.model).fuse_projections(), calib)  # as the CLI has it
+        assert (fused(x) - ref).abs().max() < 1e-4 * ref.abs().max()
+        smoothed = smooth(copy.deepcopy(loaded.model), calib)
+        got = smoothed(x)
     assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
     changed = smoothed.blocks[0].attn_norm.weight != loaded.model.blocks[0].attn_norm.weight
     assert changed.any()  # the factors really moved something

@@ -142,8 +142,12 @@ def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = 0.6) -> nn.Module
     stats = input_absmax(model, ids[:, :model.config.max_seq_len])
     for block in model.blocks:
         a, m = block.attn, block.mlp
-        groups = [(block.attn_norm, [a.q_proj, a.k_proj, a.v_proj]),
-                  (block.mlp_norm, [m.gate_proj, m.up_proj] if m.kind == "swiglu" else [m.up_proj])]
+        if m.gate_up_proj is not None:  # fused (Transformer.fuse_projections): up is the lower half
+            mlp_in, up = [m.gate_up_proj], m.gate_up_proj
+        else:
+            mlp_in, up = [m.gate_proj, m.up_proj] if m.kind == "swiglu" else [m.up_proj], m.up_proj
+        groups = [(block.attn_norm, [a.qkv_proj] if a.qkv_proj is not None else [a.q_proj, a.k_proj, a.v_proj]),
+                  (block.mlp_norm, mlp_in)]
         for norm, lins in groups:
             if norm.weight is None:
                 continue
@@ -155,9 +159,10 @@ def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = 0.6) -> nn.Module
                 lin.weight.mul_(s.to(lin.weight.dtype))
         if m.kind == "swiglu":
             s = _smoothing(stats[m.down_proj], [m.down_proj.weight], alpha)
-            m.up_proj.weight.div_(s[:, None].to(m.up_proj.weight.dtype))
-            if m.up_proj.bias is not None:
-                m.up_proj.bias.div_(s.to(m.up_proj.bias.dtype))
+            rows = slice(up.out_features - s.numel(), None)  # up's rows (all of them unless fused)
+            up.weight[rows].div_(s[:, None].to(up.weight.dtype))
+            if up.bias is not None:
+                up.bias[rows].div_(s.to(up.bias.dtype))
             m.down_proj.weight.mul_(s.to(m.down_proj.weight.dtype))
     return model
 
