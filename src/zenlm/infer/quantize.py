@@ -1,28 +1,29 @@
-"""Int8 weights and activations, and int4 weights, for CPU decoding: fewer bytes per token.
+"""Int8 and int4 weights for CPU decoding: fewer bytes per token.
 
 Decoding one token reads every weight once, so on a CPU it is bound by memory bandwidth, not
-arithmetic. Storing weights as int8 (one scale per output row) cuts those bytes by 4. Each
-input row is quantized to int8 on the fly (one scale per row), and the product goes through
-``torch._int_mm`` (oneDNN's int8 GEMM, which has AVX2 kernels), then is rescaled to float.
-``torch.ops.aten._weight_int8pack_mm`` (int8 weights, float activations) would avoid
-quantizing activations, but on AVX2-only CPUs it runs a scalar loop ~40x slower than fp32.
+arithmetic. Storing weights as int8 (one scale per output row) cuts those bytes by 4, int4 (a
+scale and a zero per group of 32 inputs) by 8. How the activations meet them depends on the CPU:
 
-The cost is measured, not assumed (bench/infer_smollm2.py; perplexity on the first 20,000
-characters of GPL-3 through the int8 path, SmolLM2-135M, fp32 25.181): everything int8 costs
-+4.7%; keeping ``down_proj`` in float (its input, the SwiGLU product, carries the outlier
-channels per-row int8 handles worst) +2.2%; also keeping q/k/v in float +1.4%, the default.
-With calibration text, :func:`smooth` first folds each input channel's outliers into the
-weights (SmoothQuant) and then every projection goes int8 (``--int8 all``): ~1.5x faster
-decoding again (SmolLM2, 2 threads: 76 tokens/s against 50 for the default and 26 for fp32)
-at a cost that depends on the text: +1.3% on GPL-3, +2.6% on Apache-2.0 (default: +1.4%).
-:func:`quantize_int4` goes further on CPUs with native bf16: 4-bit weights in groups of 32
-with bf16 activations through torch's packed int4 kernel (GGUF's Q4_1 in another layout).
-The output head goes to int8. SmolLM2 from its Q4_1 file: ~97 tokens/s at batch 1 against
-24 for fp32, at a mean KL of 0.004 nats from the fp32 model.
+* with native bf16 (AVX512-BF16/AMX, ``zenlm.hardware``), int8 weights multiply bf16 inputs
+  directly (``torch.ops.aten._weight_int8pack_mm``): weight-only, so every projection goes int8
+  (SmolLM2-135M from its GGUF, 2 threads: ~100 tokens/s against ~25 in fp32, perplexity
+  ~+1% on GPL-3, much of it the re-rounding of the file's 4-bit groups to 8-bit rows);
+* elsewhere each input row is quantized to int8 on the fly and the product goes through
+  ``torch._int_mm`` (oneDNN's int8 GEMM, which has AVX2 kernels) — the bf16 kernel would run a
+  scalar loop ~20x slower than fp32 there. Input rounding hurts where a few channels carry
+  outliers: everything int8 costs +4.7%; keeping ``down_proj`` (its input, the SwiGLU product,
+  carries the worst outliers) and q/k/v in float +1.4%, the default. With calibration text,
+  :func:`smooth` first folds each input channel's outliers into the weights (SmoothQuant) and
+  then every projection goes int8 (``--int8 all``) at +1.3% (GPL-3) to +2.6% (Apache-2.0).
+
+:func:`quantize_int4` needs native bf16: 4-bit weights in groups of 32 through torch's packed
+int4 kernel (GGUF's Q4_1 in another layout, so a Q4_1 model is re-held almost exactly).
+Both quantizers fuse q/k/v and gate/up first (``Transformer.fuse_projections``): decoding a
+token is a chain of small ops, and fewer calls is faster. The output head goes to int8 with
+int8 inputs (the fastest head kernel here; +0.3% perplexity against bf16 inputs).
 
 Embedding lookups stay in float (a gather reads one row, not the table); a tied output head
-gets its own int8 copy. Prefill (many rows) dequantizes to the float GEMM, so it is exact up
-to the weight rounding.
+gets its own int8 copy. Prefill (many rows) dequantizes int8 to the float GEMM.
 """
 
 from __future__ import annotations
@@ -276,9 +277,9 @@ def quantize_int4(model: nn.Module, group_size: int = 32, head: str = "int8") ->
     type: those are a few small ops per layer, and in bf16 they run slower on a CPU than in
     fp32 (attention over 200 cached positions: ~86 against ~14 us), so only the big products
     go through bf16. The head defaults to int8: it is a sixth of SmolLM2's weights but decides
-    every token, and GGUF files often store it at 8 bits (SmolLM2: Q8_0). Measured (SmolLM2,
-    KL from fp32 over 200 tokens, decode tokens/s): int8 head 0.0036, 97.5; bf16 head 0.0024,
-    85.8; int4 head 0.047, 100. CPU only; fast only where bf16 is native
+    every token, and GGUF files often store it at 8 bits (SmolLM2: Q8_0). Measured before the
+    fusion (SmolLM2, KL from fp32 over 200 tokens, decode tokens/s): int8 head 0.0036, 97.5;
+    bf16 head 0.0024, 85.8; int4 head 0.047, 100. CPU only; fast only where bf16 is native
     (``zenlm.hardware.native_bf16``).
     """
     if head not in ("int8", "int4", "float"):
