@@ -101,14 +101,30 @@ def test_weight_only_int8_quantizes_every_projection_and_keeps_loss_and_greedy_t
     assert len(b) > 0 and a[:8] == b[:8]
 
 
-def test_fused_projections_compute_the_same_function(loaded):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fused_projections_compute_the_same_function(loaded, family):
     """q/k/v and gate/up fused into single matrices (what the quantizers decode with) give the
-    unfused model's logits, with and without a KV cache."""
-    model = copy.deepcopy(loaded.model).fuse_projections()
+    unfused model's logits, with and without a KV cache (GPT-2: with biases, no gate)."""
+    from zenlm.config import TransformerConfig
+    from zenlm.model.transformer import Transformer
+
+    if family == "llama":
+        base = loaded.model
+    else:
+        torch.manual_seed(0)
+        base = Transformer(TransformerConfig.preset("gpt2", vocab_size=loaded.model.config.vocab_size,
+                                                    n_layer=2, n_head=4, d_model=64, max_seq_len=64)).eval()
+    model = copy.deepcopy(base).fuse_projections()
     assert hasattr(model.blocks[0].attn, "qkv_proj") and not hasattr(model.blocks[0].attn, "q_proj")
+    assert model.fuse_projections() is model  # a second call changes nothing
+    from zenlm.model.lora import merged_state_dict
+
+    exported, want = merged_state_dict(model), base.state_dict()  # what the exporters write
+    assert sorted(exported) == sorted(want)
+    assert all(torch.equal(exported[k], want[k]) for k in want)
     x = torch.tensor([loaded.tokenizer.encode("def main():\n    return 0\n")[:12]])
     with torch.no_grad():
-        ref = loaded.model(x)
+        ref = base(x)
         assert (model(x) - ref).abs().max() < 1e-4 * ref.abs().max()
         cache = model.new_cache(1, 16)
         model(x[:, :-1], cache=cache)

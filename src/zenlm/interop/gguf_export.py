@@ -285,7 +285,10 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, *, dtype: str = "f32"
     cfg = model.config
     arch = gguf_architecture(cfg)
     add_metadata, tensors = _WRITERS[arch]
-    state = {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
+    from zenlm.model.lora import merged_state_dict
+
+    # LoRA folded in and fused projections split back: llama.cpp reads the plain names
+    state = {k: v.detach().to("cpu").float().numpy() for k, v in merged_state_dict(model).items()}
 
     out = Path(path)
     with atomic_output(out) as tmp:

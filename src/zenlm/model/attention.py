@@ -86,7 +86,7 @@ class Attention(nn.Module):
         """Replace q/k/v by one projection: one product and one rotary pass per token instead of
         three and two. Decoding a token is a chain of small ops whose per-call overhead rivals
         their work, so fewer calls is faster (SmolLM2 int4, batch 1: ~+15% with the MLP's
-        fusion). For inference: the fused weight has no checkpoint name, so export unfused.
+        fusion). For inference; exporters split it back (``transformer.unfused_state``).
         Layers that are not plain ``nn.Linear`` (LoRA, quantized) are left as they are."""
         if self.qkv_proj is not None:
             return

@@ -159,7 +159,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with every LoRA update folded into its weight and the adapter
-    tensors left out: what the model computes, under the base model's names."""
+    tensors left out (and fused projections split back): what the model computes, under the
+    base model's names."""
     state = dict(model.state_dict())
     for name, module in lora_modules(model).items():
         prefix = f"{name}." if name else ""
@@ -167,7 +168,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state[f"{prefix}weight"] = (module.weight + module.delta()).detach()
         for key in [k for k in state if k.startswith(f"{prefix}lora_")]:
             del state[key]
-    return state
+    from zenlm.model.transformer import unfused_state
+
+    config = getattr(model, "config", None)
+    return state if config is None else unfused_state(state, config)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -37,6 +37,26 @@ def _skip_init():
             setattr(nn.init, name, fn)
 
 
+def unfused_state(state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
+    """A state dict under the checkpoint names, whether or not the model was fused
+    (:meth:`Transformer.fuse_projections`): fused q/k/v and gate/up tensors are split back, so a
+    fused model exports like any other."""
+    sizes = {"qkv_proj": [("q_proj", config.n_head * config.head_dim),
+                          ("k_proj", config.n_kv_head * config.head_dim),
+                          ("v_proj", config.n_kv_head * config.head_dim)],
+             "gate_up_proj": [("gate_proj", config.d_ff), ("up_proj", config.d_ff)]}
+    out = {}
+    for key, value in state.items():
+        prefix, _, rest = key.rpartition(".")[0].rpartition(".")
+        if rest not in sizes:
+            out[key] = value
+            continue
+        kind = key.rpartition(".")[2]  # weight or bias
+        for (name, _), part in zip(sizes[rest], value.split([n for _, n in sizes[rest]])):
+            out[f"{prefix}.{name}.{kind}"] = part
+    return out
+
+
 class Transformer(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -99,8 +119,9 @@ class Transformer(nn.Module):
 
     def fuse_projections(self) -> "Transformer":
         """Fuse q/k/v and SwiGLU's gate/up into single matrices in every block, for inference:
-        fewer, larger products per token. The state dict then has fused names, so do this to a
-        model that is only used, not saved or trained (the quantizers do it)."""
+        fewer, larger products per token (the quantizers and ``zenlm generate``/``chat`` do it).
+        The fused weights are frozen and the state dict has fused names: do this to a model
+        that is used, not trained; the exporters split the names back (:func:`unfused_state`)."""
         for block in self.blocks:
             block.attn.fuse_projections()
             block.mlp.fuse_projections()
