@@ -94,6 +94,13 @@ def test_last_only_and_loss(family):
         per_token = model(idx, targets, reduction="none")
         assert per_token.shape == (2, 12)
         assert torch.all(per_token[~keep] == 0)
+    # the head runs only where a target counts; the gradients are those of the full computation
+    model(idx, targets).backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(idx).view(-1, V), targets.view(-1), ignore_index=-100).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(fast[n], p.grad, atol=1e-6), n
 
 
 def test_cache_and_context_overflow_raise():
