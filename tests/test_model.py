@@ -309,3 +309,20 @@ def test_matches_hf_llama_with_gqa():
         cached = torch.cat([ours(idx[:, :33], cache=cache), ours(idx[:, 33:50], cache=cache)]
                            + [ours(idx[:, t:t + 1], cache=cache) for t in range(50, T)], dim=1)
         assert (cached - ref).abs().max().item() <= 1e-4
+
+
+def test_a_bf16_model_on_the_cpu_caches_and_attends_in_fp32():
+    """CPU attention over a cache is several times faster in fp32 than in bf16, so a bf16 model
+    keeps an fp32 cache; decoding through it gives the full forward's logits (bf16 tolerance)
+    and the bf16 hidden states the rest of the model expects."""
+    model = _model(llama_config()).to(torch.bfloat16)
+    idx = torch.randint(0, V, (2, 10))
+    cache = model.new_cache(2, 16)
+    assert cache.layers[0][0].dtype == torch.float32
+    with torch.no_grad():
+        full = model(idx).float()
+        model(idx[:, :-1], cache=cache)
+        step = model(idx[:, -1:], cache=cache)
+    assert step.dtype == torch.bfloat16
+    assert (step[:, -1].float() - full[:, -1]).abs().max() < 0.05 * full.abs().max()
+    assert (step[:, -1].argmax(-1) == full[:, -1].argmax(-1)).all()

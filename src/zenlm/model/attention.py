@@ -114,7 +114,9 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = cache.pos if cache is not None else 0
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+            k, v = cache.update(self.layer, k, v)  # in the cache's dtype: attention runs in it
+            if q.dtype != k.dtype:
+                q = q.to(k.dtype)
         # Causality: a fresh sequence uses the fused causal kernel; a single new token sees the
         # whole cache; a chunk appended to a cache needs an explicit mask (passed in).
         # (t > 1 first: under torch.compile a one-token step then never looks at the dynamic past)
@@ -123,5 +125,5 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).reshape(b, t, nh * hd)
+        y = y.transpose(1, 2).reshape(b, t, nh * hd).to(x.dtype)
         return self.o_proj(y)
