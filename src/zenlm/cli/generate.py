@@ -27,7 +27,7 @@ def add_sampling_args(p, *, max_new_tokens: int = 128) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--int8", nargs="?", const="safe", choices=["safe", "all"],
                    help="decode with int8 weights: ~4x fp32's speed where the CPU has native "
-                        "bf16 (weight-only, every projection, ~+0.1%% perplexity); elsewhere int8 "
+                        "bf16 (weight-only, every projection; SmolLM2: +1.1%% perplexity); elsewhere int8 "
                         "activations too, ~2x for ~1.4%%, and 'all' also quantizes q/k/v and "
                         "down_proj after smoothing outliers into the weights: ~3x, +1.3-2.6%% "
                         "(zenlm.infer.quantize)")
