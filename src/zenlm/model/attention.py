@@ -48,8 +48,8 @@ def rope_tables(head_dim: int, max_len: int, base: float,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
     return x * cos + rotated * sin
 
 
@@ -101,10 +101,10 @@ class Attention(nn.Module):
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x).view(b, t, nh + 2 * nkv, hd).transpose(1, 2)
-            qk, v = qkv[:, :nh + nkv], qkv[:, nh + nkv:]
+            qk, v = qkv.split([nh + nkv, nkv], dim=1)
             if self.use_rope:
                 qk = apply_rope(qk, *rope)  # the query and key heads rotated together
-            q, k = qk[:, :nh], qk[:, nh:]
+            q, k = qk.split([nh, nkv], dim=1)
         else:
             q = self.q_proj(x).view(b, t, nh, hd).transpose(1, 2)
             k = self.k_proj(x).view(b, t, nkv, hd).transpose(1, 2)

@@ -31,9 +31,9 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked for {end}")
         keys, values = self.layers[layer]
-        keys[:, :, self.pos:end] = k
-        values[:, :, self.pos:end] = v
-        return keys[:, :, :end], values[:, :, :end]
+        keys.narrow(2, self.pos, t).copy_(k)  # narrow, not [:, :, a:b]: no Python indexing per token
+        values.narrow(2, self.pos, t).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, t: int) -> None:
         """Called by the model once every layer has stored the ``t`` new positions."""
