@@ -54,7 +54,7 @@ def barrier(world: World) -> None:
         _store_barrier(world)
 
 
-def _store_barrier(world: World, poll_s: float = 0.005) -> None:
+def _store_barrier(world: World, poll_s: float = 0.005, timeout_s: float = 300.0) -> None:
     """A second barrier through the rendezvous store rather than gloo's sockets.
 
     A gloo barrier returns on one rank as soon as that rank has heard from the others, which
@@ -67,7 +67,11 @@ def _store_barrier(world: World, poll_s: float = 0.005) -> None:
     store = dist.distributed_c10d._get_default_store()
     arrived = store.add("zenlm/leave", 1)
     target = -(-arrived // world.size) * world.size  # this round's last arrival
+    deadline = time.monotonic() + timeout_s
     while store.add("zenlm/leave", 0) < target:
+        if time.monotonic() > deadline:  # a rank died between the two barriers: do not hang
+            raise RuntimeError(f"rank {world.rank}: the other ranks did not reach the end of the "
+                               f"run within {timeout_s:.0f} s of this one")
         time.sleep(poll_s)
 
 
