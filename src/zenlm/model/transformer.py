@@ -226,12 +226,14 @@ class Transformer(nn.Module):
         h = self.hidden_states(idx, cache, attention_mask=attention_mask, segment_ids=segment_ids)
         if last_only:
             h = h[:, -1:, :]
-        if targets is not None and reduction != "none" and not torch.compiler.is_compiling():
+        if (targets is not None and reduction != "none" and h.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
             keep = targets != -100
             if not bool(keep.all()):
                 # Positions without a target (a chat prompt, padding) need no logits: with a
-                # vocabulary of 49k the output head is a fifth of a small model's work. (Eager
-                # only: a data-dependent shape would break a compiled graph.)
+                # vocabulary of 49k the output head is a fifth of a small model's work. (CPU and
+                # eager only: on a GPU the data-dependent shape costs a host sync per step, and
+                # it would break a compiled graph.)
                 h, targets = h[keep], targets[keep]
         logits = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.tok_emb.weight)
         if targets is None:
