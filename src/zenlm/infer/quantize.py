@@ -168,12 +168,11 @@ def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = 0.6) -> nn.Module
     return model
 
 
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
 def named_as(name: str, names: tuple[str, ...]) -> bool:
     """Whether projection ``name`` is, or fuses (see ``Transformer.fuse_projections``), one of ``names``."""
-    return name in names or any(part in names for part in FUSED.get(name, ()))
+    from zenlm.model.transformer import FUSED_PARTS
+
+    return name in names or any(part in names for part in FUSED_PARTS.get(name, ()))
 
 
 def replace_projections(model: nn.Module, make) -> None:

@@ -37,22 +37,24 @@ def _skip_init():
             setattr(nn.init, name, fn)
 
 
+# What Transformer.fuse_projections fuses: the fused projection and its parts, in row order.
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def unfused_state(state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
     """A state dict under the checkpoint names, whether or not the model was fused
     (:meth:`Transformer.fuse_projections`): fused q/k/v and gate/up tensors are split back, so a
     fused model exports like any other."""
-    sizes = {"qkv_proj": [("q_proj", config.n_head * config.head_dim),
-                          ("k_proj", config.n_kv_head * config.head_dim),
-                          ("v_proj", config.n_kv_head * config.head_dim)],
-             "gate_up_proj": [("gate_proj", config.d_ff), ("up_proj", config.d_ff)]}
+    q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    rows = {"qkv_proj": [q, kv, kv], "gate_up_proj": [config.d_ff, config.d_ff]}
     out = {}
     for key, value in state.items():
-        prefix, _, rest = key.rpartition(".")[0].rpartition(".")
-        if rest not in sizes:
+        prefix, _, fused = key.rpartition(".")[0].rpartition(".")
+        if fused not in FUSED_PARTS:
             out[key] = value
             continue
         kind = key.rpartition(".")[2]  # weight or bias
-        for (name, _), part in zip(sizes[rest], value.split([n for _, n in sizes[rest]])):
+        for name, part in zip(FUSED_PARTS[fused], value.split(rows[fused])):
             out[f"{prefix}.{name}.{kind}"] = part
     return out
 
