@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zenlm.model.transformer import FUSED_PARTS
+
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: w ≈ q * scale[:, None]."""
@@ -170,8 +172,6 @@ def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = 0.6) -> nn.Module
 
 def named_as(name: str, names: tuple[str, ...]) -> bool:
     """Whether projection ``name`` is, or fuses (see ``Transformer.fuse_projections``), one of ``names``."""
-    from zenlm.model.transformer import FUSED_PARTS
-
     return name in names or any(part in names for part in FUSED_PARTS.get(name, ()))
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zenlm.errors import ConfigError
+from zenlm.model.transformer import unfused_state
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -168,8 +169,6 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state[f"{prefix}weight"] = (module.weight + module.delta()).detach()
         for key in [k for k in state if k.startswith(f"{prefix}lora_")]:
             del state[key]
-    from zenlm.model.transformer import unfused_state
-
     config = getattr(model, "config", None)
     return state if config is None else unfused_state(state, config)
 
