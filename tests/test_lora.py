@@ -13,6 +13,7 @@ from zenlm.errors import ConfigError
 from zenlm.model import Transformer
 from zenlm.model.adapt import adapt
 from zenlm.model.heads import Classifier, pool
+from zenlm.model.linear import Linear, is_plain_linear
 from zenlm.model.lora import (LoRAConfig, LoRALinear, adapter_state_dict, apply_lora, merge_lora,
                               merged_state_dict)
 from zenlm.train.optim import describe_groups, param_groups
@@ -34,7 +35,7 @@ def randomise_lora(model, seed=1, scale=0.05):
 
 
 def test_lora_linear_computes_base_plus_scaled_low_rank_update():
-    base = torch.nn.Linear(16, 8)
+    base = Linear(16, 8)  # the model's own layer: the same kernel as the adapter's base product
     lora = LoRALinear(base, r=4, alpha=8.0, dropout=0.0)
     x = torch.randn(5, 16)
     assert torch.equal(lora(x), base(x))  # B = 0: exactly the base at first
@@ -45,7 +46,7 @@ def test_lora_linear_computes_base_plus_scaled_low_rank_update():
     want = x @ base.weight.T + base.bias + (x @ A.T @ B.T) * (8.0 / 4)
     assert torch.allclose(lora(x), want, atol=1e-6)
     merged = lora.merged()
-    assert type(merged) is torch.nn.Linear
+    assert is_plain_linear(merged)  # a plain layer again: fusable, exportable, quantizable
     assert torch.allclose(merged(x), lora(x), atol=1e-5)
     assert set(dict(lora.named_parameters())) == {"weight", "bias", "lora_A.weight", "lora_B.weight"}
 

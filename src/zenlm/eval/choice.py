@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from zenlm.errors import DataError
+from zenlm.model.linear import linear
 
 
 @dataclass
@@ -131,12 +132,12 @@ def score_items(model, items: list[ChoiceItem], *, batch_size: int = 16,
         hidden = model.hidden_states(x.to(device), cache=cache)
         for b, (i, js, ids, start) in enumerate(batch):
             if len(js) > 1:  # single-token choices: one position, every choice
-                logp = F.log_softmax(F.linear(hidden[b, start], head).float(), dim=-1)
+                logp = F.log_softmax(linear(hidden[b, start], head).float(), dim=-1)
                 for j in js:
                     scores[i][j] = float(logp[items[i].choices[j][0]])
                 continue
             target = torch.tensor(items[i].choices[js[0]], device=device)
-            logits = F.linear(hidden[b, start:start + len(target)], head).float()
+            logits = linear(hidden[b, start:start + len(target)], head).float()
             logp = F.log_softmax(logits, dim=-1).gather(1, target[:, None])
             scores[i][js[0]] = float(logp.sum())
     model.train(was_training)

@@ -16,6 +16,7 @@ from torch import nn
 
 from zenlm.config import TransformerConfig
 from zenlm.model.kv_cache import KVCache
+from zenlm.model.linear import Linear, is_plain_linear
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: dict | None = None) -> torch.Tensor:
@@ -58,7 +59,7 @@ def fuse_linears(lins: tuple[nn.Linear, ...]) -> nn.Linear:
     w = lins[0].weight
     bias = lins[0].bias is not None
     with torch.device("meta"):
-        fused = nn.Linear(w.shape[1], sum(lin.out_features for lin in lins), bias=bias)
+        fused = Linear(w.shape[1], sum(lin.out_features for lin in lins), bias=bias)
     fused.weight = nn.Parameter(torch.cat([lin.weight.detach() for lin in lins]), requires_grad=False)
     if bias:
         fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in lins]), requires_grad=False)
@@ -72,10 +73,10 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         qkv_bias = config.bias or config.qkv_bias
         d = config.d_model
-        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=config.bias)
+        self.q_proj = Linear(d, self.n_head * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(d, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(d, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(self.n_head * self.head_dim, d, bias=config.bias)
         self.o_proj.residual_init = True  # GPT-2's scaled init for projections into the residual
         self.dropout = config.dropout
         self.causal = config.causal
@@ -91,7 +92,7 @@ class Attention(nn.Module):
         if self.qkv_proj is not None:
             return
         lins = (self.q_proj, self.k_proj, self.v_proj)
-        if all(type(lin) is nn.Linear for lin in lins):
+        if all(is_plain_linear(lin) for lin in lins):
             self.qkv_proj = fuse_linears(lins)
             del self.q_proj, self.k_proj, self.v_proj
 

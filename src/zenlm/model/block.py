@@ -12,6 +12,7 @@ from torch import nn
 from zenlm.config import TransformerConfig
 from zenlm.model.attention import Attention, fuse_linears
 from zenlm.model.kv_cache import KVCache
+from zenlm.model.linear import Linear, is_plain_linear
 
 
 def make_norm(config: TransformerConfig) -> nn.Module:
@@ -28,9 +29,9 @@ class MLP(nn.Module):
         self.kind = config.mlp
         d, h = config.d_model, config.d_ff
         if self.kind == "swiglu":
-            self.gate_proj = nn.Linear(d, h, bias=config.bias)
-        self.up_proj = nn.Linear(d, h, bias=config.bias)
-        self.down_proj = nn.Linear(h, d, bias=config.bias)
+            self.gate_proj = Linear(d, h, bias=config.bias)
+        self.up_proj = Linear(d, h, bias=config.bias)
+        self.down_proj = Linear(h, d, bias=config.bias)
         self.down_proj.residual_init = True
         self.gate_up_proj: nn.Module | None = None  # for inference: see fuse_projections
 
@@ -38,7 +39,7 @@ class MLP(nn.Module):
         """SwiGLU's gate and up in one matrix (see ``Attention.fuse_projections``)."""
         if self.kind != "swiglu" or self.gate_up_proj is not None:
             return
-        if type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
+        if is_plain_linear(self.gate_proj) and is_plain_linear(self.up_proj):
             self.gate_up_proj = fuse_linears((self.gate_proj, self.up_proj))
             del self.gate_proj, self.up_proj
 

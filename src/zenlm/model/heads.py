@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from zenlm.errors import ConfigError
+from zenlm.model.linear import Linear
 
 Pooling = Literal["auto", "last", "first", "mean"]
 POOLINGS = ("auto", "last", "first", "mean")
@@ -52,7 +53,7 @@ class ClassificationHead(nn.Module):
         if n_classes < 2:
             raise ConfigError(f"a classifier needs at least 2 classes, got {n_classes}")
         self.pooling = pooling
-        self.score = nn.Linear(d_model, n_classes, bias=False)
+        self.score = Linear(d_model, n_classes, bias=False)
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.score(pool(hidden, lengths, self.pooling))

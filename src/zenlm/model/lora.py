@@ -17,10 +17,10 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zenlm.errors import ConfigError
+from zenlm.model.linear import Linear, is_plain_linear, linear
 from zenlm.model.transformer import unfused_state
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -79,8 +79,8 @@ class LoRALinear(nn.Linear):
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
+        self.lora_A = Linear(base.in_features, r, bias=False, **kw)
+        self.lora_B = Linear(r, base.out_features, bias=False, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
@@ -89,13 +89,13 @@ class LoRALinear(nn.Linear):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         # scale the rank-r tensor, not the (.., out) one: the same sum, r/out of the work
         return y + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
 
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``weight + delta`` (this module is left unchanged)."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+        out = Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device="meta")
         with torch.no_grad():
             out.weight = nn.Parameter((self.weight + self.delta()).detach().clone())
@@ -132,7 +132,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, *, first_layer: int = 0) -> li
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         layer = layer_of(name + ".")
-        if (leaf in wanted and type(module) is nn.Linear and layer is not None
+        if (leaf in wanted and is_plain_linear(module) and layer is not None
                 and layer >= first_layer):
             targets.append(name)
     if not targets:

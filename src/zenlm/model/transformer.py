@@ -19,6 +19,7 @@ from zenlm.config import TransformerConfig
 from zenlm.model.attention import rope_tables
 from zenlm.model.block import Block, make_norm
 from zenlm.model.kv_cache import KVCache
+from zenlm.model.linear import Linear, linear
 
 
 @contextlib.contextmanager
@@ -69,7 +70,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config)
         # A tied head reuses tok_emb.weight in forward, so the weight exists once on disk too.
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
         if config.pos == "rope":
             self._set_rope_tables()
         self.apply(self._init_weights)
@@ -237,7 +238,7 @@ class Transformer(nn.Module):
                 # eager only: on a GPU the data-dependent shape costs a host sync per step, and
                 # it would break a compiled graph.)
                 h, targets = h[keep], targets[keep]
-        logits = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.tok_emb.weight)
+        logits = self.lm_head(h) if self.lm_head is not None else linear(h, self.tok_emb.weight)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),

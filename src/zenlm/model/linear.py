@@ -1,0 +1,121 @@
+"""The model's one matrix product, with the CPU GEMM library chosen by what this machine runs fast.
+
+PyTorch's CPU ``F.linear`` in fp32 goes to MKL's sgemm. On AMD CPUs MKL dispatches to its AVX2
+code, which on a Zen 5 core with 512-bit FMA units leaves half the machine idle: on this
+project's 2-core EPYC, MKL reaches ~200 GFLOP/s where oneDNN — also shipped inside every x86
+PyTorch wheel, and what ``torch.compile`` uses for CPU linears — reaches ~460 (training shapes),
+and a large fp32 GEMV (the output head while decoding) reads its weight 2.4x faster. Both are
+IEEE fp32 with fp32 accumulation; only the kernels differ.
+
+So :func:`linear` sends fp32 CPU products to oneDNN where a one-off timing at first use shows it
+clearly faster (set ``ZENLM_MATMUL=onednn|aten`` to decide instead), and everything else — bf16
+autocast, GPUs, compiled graphs, other dtypes — to ``F.linear`` unchanged. The backward pass
+computes the input and weight gradients with the same kernels and skips the ones autograd does
+not need (a frozen base weight under LoRA costs no weight gradient).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+CHOICES = ("auto", "onednn", "aten")
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # x @ weight.T + bias; x may have any number of leading dims, either operand any strides
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _onednn_works() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w = torch.randn(3, 5), torch.randn(4, 5)
+        return torch.allclose(_onednn(x, w, None), x @ w.T, atol=1e-5)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+@functools.cache
+def cpu_backend() -> str:
+    """``onednn`` or ``aten``: which library runs fp32 CPU products in this process.
+
+    ``auto`` times one mid-sized product (512x1024 by 1024x2048, ~2 GFLOP) three times with
+    each library, alternating, ~40 ms once per process, and takes oneDNN only when its best time
+    beats MKL's by 20%: a busy machine can blur a small difference but not a 2x one, and the two
+    are interchangeable in results, so a wrong call costs speed only.
+    """
+    choice = os.environ.get("ZENLM_MATMUL", "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ConfigError(f"ZENLM_MATMUL={choice!r}: expected one of {', '.join(CHOICES)}")
+    if choice == "aten" or not _onednn_works():
+        return "aten"
+    if choice == "onednn":
+        return "onednn"
+    x, w = torch.randn(512, 1024), torch.randn(2048, 1024)
+    best = {"aten": float("inf"), "onednn": float("inf")}
+    with torch.inference_mode():
+        for _ in range(3):
+            for name, fn in (("aten", F.linear), ("onednn", lambda a, b: _onednn(a, b, None))):
+                t = time.perf_counter()
+                fn(x, w)
+                best[name] = min(best[name], time.perf_counter() - t)
+    return "onednn" if best["onednn"] < 0.8 * best["aten"] else "aten"
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        g = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn(grad, weight.t(), None)  # grad @ weight
+        if ctx.needs_input_grad[1]:
+            # (x.T @ grad).T: oneDNN copies a transposed *input*, and x is the narrower of the two
+            grad_w = _onednn(x.reshape(-1, x.shape[-1]).t(), g.t(), None).t().contiguous()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, through oneDNN for fp32 on a CPU where that is the faster library."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and cpu_backend() == "onednn"):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _OneDNNLinear.apply(x, weight, bias)
+        return _onednn(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, names and init) whose product goes through :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """A dense linear layer with nothing attached (not LoRA, not quantized): safe to fuse or wrap."""
+    return type(module) in (nn.Linear, Linear)
+
+
+__all__ = ["Linear", "cpu_backend", "is_plain_linear", "linear"]

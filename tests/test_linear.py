@@ -1,0 +1,91 @@
+"""The model's linear product: oneDNN and ATen (MKL) must give the same numbers, forward and
+backward, so that choosing the faster library is only a matter of speed."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zenlm.config import TransformerConfig
+from zenlm.errors import ConfigError
+from zenlm.model import Transformer
+from zenlm.model import linear as L
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Set ZENLM_MATMUL for one test; the process-wide choice is restored afterwards."""
+    def use(name: str) -> str:
+        monkeypatch.setenv("ZENLM_MATMUL", name)
+        L.cpu_backend.cache_clear()
+        return L.cpu_backend()
+    yield use
+    monkeypatch.delenv("ZENLM_MATMUL", raising=False)
+    L.cpu_backend.cache_clear()
+
+
+needs_onednn = pytest.mark.skipif(not L._onednn_works(), reason="this torch build has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_matches_aten_forward_and_backward(backend, bias):
+    assert backend("onednn") == "onednn"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 37, 48, generator=g, requires_grad=True)
+    w = torch.randn(80, 48, generator=g, requires_grad=True)
+    b = torch.randn(80, generator=g, requires_grad=True) if bias else None
+    up = torch.randn(3, 37, 80, generator=g)
+    y = L.linear(x, w, b)
+    assert y.grad_fn is not None and "OneDNN" in type(y.grad_fn).__name__  # the path under test
+    grads = torch.autograd.grad((y * up).sum(), [t for t in (x, w, b) if t is not None])
+    ref = F.linear(x, w, b)
+    ref_grads = torch.autograd.grad((ref * up).sum(), [t for t in (x, w, b) if t is not None])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_a_frozen_weight_gets_no_gradient_and_inference_needs_no_graph(backend):
+    backend("onednn")
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(8, 16)  # frozen (a LoRA base): only the input gradient is computed
+    L.linear(x, w).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(4, 16), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        assert L.linear(torch.randn(2, 16), w).grad_fn is None
+
+
+def test_autocast_and_other_dtypes_keep_torchs_own_product(backend):
+    backend("onednn" if L._onednn_works() else "aten")
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert L.linear(x, w).dtype == torch.bfloat16  # autocast's cast still applies
+    assert L.linear(x.double(), w.double()).dtype == torch.float64
+
+
+def test_env_choice_is_checked(backend):
+    assert backend("aten") == "aten"
+    with pytest.raises(ConfigError, match="ZENLM_MATMUL"):
+        backend("mkl")
+
+
+@needs_onednn
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_training_step_gives_the_same_gradients_with_either_library(backend, family):
+    cfg = TransformerConfig.preset(family, vocab_size=96, n_layer=2, n_head=4, d_model=64,
+                                   max_seq_len=32)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    x = torch.randint(0, 96, (2, 32))
+    grads = {}
+    for name in ("aten", "onednn"):
+        backend(name)
+        model.zero_grad(set_to_none=True)
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        grads[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads["onednn"][0], grads["aten"][0], rtol=1e-5, atol=1e-6)
+    for n, want in grads["aten"][1].items():
+        torch.testing.assert_close(grads["onednn"][1][n], want, rtol=1e-4, atol=1e-5, msg=n)
