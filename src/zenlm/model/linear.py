@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 
 CHOICES = ("auto", "onednn", "aten")
+_resolved: str | None = None  # cpu_backend()'s answer, readable inside a compiled graph
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -53,6 +54,12 @@ def cpu_backend() -> str:
     beats MKL's by 20%: a busy machine can blur a small difference but not a 2x one, and the two
     are interchangeable in results, so a wrong call costs speed only.
     """
+    global _resolved
+    _resolved = _choose()
+    return _resolved
+
+
+def _choose() -> str:
     choice = os.environ.get("ZENLM_MATMUL", "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise ConfigError(f"ZENLM_MATMUL={choice!r}: expected one of {', '.join(CHOICES)}")
@@ -71,38 +78,54 @@ def cpu_backend() -> str:
     return "onednn" if best["onednn"] < 0.8 * best["aten"] else "aten"
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn(x, weight, bias)
+@torch.library.custom_op("zenlm::onednn_linear", mutates_args=())
+def _onednn_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # An op of our own, not oneDNN's: torch.compile keeps it as one opaque call instead of
+    # lowering oneDNN's op (whose inductor lowering expects prepacked inference weights).
+    return _onednn(x, weight, bias)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        g = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn(grad, weight.t(), None)  # grad @ weight
-        if ctx.needs_input_grad[1]:
-            # (x.T @ grad).T: oneDNN copies a transposed *input*, and x is the narrower of the two
-            grad_w = _onednn(x.reshape(-1, x.shape[-1]).t(), g.t(), None).t().contiguous()
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b
+
+@_onednn_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    g = grad.reshape(-1, grad.shape[-1])
+    if ctx.needs_input_grad[0]:
+        grad_x = _onednn_op(grad, weight.t(), None)  # grad @ weight
+    if ctx.needs_input_grad[1]:
+        # (x.T @ grad).T: oneDNN copies a transposed *input*, and x is the narrower of the two
+        grad_w = _onednn_op(x.reshape(-1, x.shape[-1]).t(), g.t(), None).t().contiguous()
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = g.sum(0)
+    return grad_x, grad_w, grad_b
+
+
+_onednn_op.register_autograd(_backward, setup_context=_setup)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, through oneDNN for fp32 on a CPU where that is the faster library."""
+    """``F.linear``, through oneDNN for fp32 on a CPU where that is the faster library.
+
+    A compiled graph uses oneDNN only if the choice was made before compiling (any eager
+    product, or :func:`cpu_backend`, makes it): timing a probe inside a trace is not possible.
+    """
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and cpu_backend() == "onednn"):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            return _OneDNNLinear.apply(x, weight, bias)
-        return _onednn(x, weight, bias)
+            and not torch.is_autocast_enabled("cpu")
+            and (_resolved if torch.compiler.is_compiling() else cpu_backend()) == "onednn"):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+            return _onednn_op(x, weight, bias)
+        return _onednn(x, weight, bias)  # inference: oneDNN directly, no op-dispatch overhead
     return F.linear(x, weight, bias)
 
 

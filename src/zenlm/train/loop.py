@@ -21,6 +21,7 @@ import torch
 from zenlm.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from zenlm.errors import CheckpointError, ConfigError
 from zenlm.hardware import resolve_dtype
+from zenlm.model.linear import cpu_backend
 from zenlm.train.config import RunConfig, TrainConfig
 from zenlm.train.distributed import World, barrier, gather_objects, mean_across, setup, teardown
 from zenlm.train.optim import lr_at, make_adamw
@@ -160,7 +161,9 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
     dtype = resolve_dtype(tc.dtype, device)
     log(f"model: {n_params / 1e6:.2f}M parameters ({(n_params - n_emb) / 1e6:.2f}M non-embedding"
         f"{trainable}); {world.size} process(es) on {device}, {torch.get_num_threads()} threads "
-        f"each, {dtype}" + (" (dtype auto)" if tc.dtype == "auto" else ""))
+        f"each, {dtype}" + (" (dtype auto)" if tc.dtype == "auto" else "")
+        # chosen before any torch.compile: a compiled graph cannot time the probe itself
+        + (f", fp32 products via {cpu_backend()}" if device == "cpu" and dtype == "fp32" else ""))
     if (about := task.describe()) is not None:
         log(about)
     train_model = torch.compile(model) if tc.compile else model
