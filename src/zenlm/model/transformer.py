@@ -19,7 +19,8 @@ from zenlm.config import TransformerConfig
 from zenlm.model.attention import rope_tables
 from zenlm.model.block import Block, make_norm
 from zenlm.model.kv_cache import KVCache
-from zenlm.model.linear import Linear, linear
+from zenlm.model.linear import Linear, is_plain_linear, linear
+from zenlm.model.loss import head_cross_entropy
 
 
 @contextlib.contextmanager
@@ -238,6 +239,11 @@ class Transformer(nn.Module):
                 # eager only: on a GPU the data-dependent shape costs a host sync per step, and
                 # it would break a compiled graph.)
                 h, targets = h[keep], targets[keep]
+        head = self.tok_emb.weight if self.lm_head is None else (
+            self.lm_head.weight if is_plain_linear(self.lm_head) and self.lm_head.bias is None else None)
+        if (targets is not None and reduction != "none" and head is not None
+                and not torch.compiler.is_compiling()):  # compiled graphs fuse the plain loss
+            return head_cross_entropy(h.reshape(-1, h.shape[-1]), head, targets.reshape(-1), reduction)
         logits = self.lm_head(h) if self.lm_head is not None else linear(h, self.tok_emb.weight)
         if targets is None:
             return logits
