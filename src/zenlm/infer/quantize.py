@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zenlm.model.linear import linear
 from zenlm.model.transformer import FUSED_PARTS
 
 
@@ -79,7 +80,7 @@ class Int8Linear(nn.Module):
         if x2.shape[0] > INT8_MAX_ROWS:
             # Prefill: many rows make the float GEMM compute-bound and far faster than this
             # CPU's int8 path, so dequantize the weight once for the whole chunk.
-            y = torch.mm(x2.float(), self.qweight.t().float() * self.scale)
+            y = linear(x2.float(), self.qweight.float() * self.scale.unsqueeze(1))
         elif self.activations == "bf16":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale_bf16)
         else:
