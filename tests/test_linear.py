@@ -115,3 +115,11 @@ def test_a_compiled_model_keeps_the_onednn_product_and_its_gradients(backend, mo
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     for got, want in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_choosing_the_library_leaves_the_global_random_state_alone(backend):
+    torch.manual_seed(123)
+    backend("auto")  # runs the probe
+    after_probe = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(4), after_probe)
