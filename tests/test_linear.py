@@ -16,11 +16,9 @@ def backend(monkeypatch):
     """Set ZENLM_MATMUL for one test; the process-wide choice is restored afterwards."""
     def use(name: str) -> str:
         monkeypatch.setenv("ZENLM_MATMUL", name)
-        L.cpu_backend.cache_clear()
-        return L.cpu_backend()
+        return L.cpu_backend(refresh=True)
+    monkeypatch.setattr(L, "_resolved", L._resolved)  # the process-wide choice comes back after
     yield use
-    monkeypatch.delenv("ZENLM_MATMUL", raising=False)
-    L.cpu_backend.cache_clear()
 
 
 needs_onednn = pytest.mark.skipif(not L._onednn_works(), reason="this torch build has no oneDNN")

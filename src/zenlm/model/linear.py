@@ -16,7 +16,6 @@ not need (a frozen base weight under LoRA costs no weight gradient).
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 
 CHOICES = ("auto", "onednn", "aten")
-_resolved: str | None = None  # cpu_backend()'s answer, readable inside a compiled graph
+_resolved: str | None = None  # cpu_backend()'s answer; a compiled graph reads it directly
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -46,9 +45,9 @@ def _onednn_works() -> bool:
         return False
 
 
-@functools.cache
-def cpu_backend() -> str:
-    """``onednn`` or ``aten``: which library runs fp32 CPU products in this process.
+def cpu_backend(refresh: bool = False) -> str:
+    """``onednn`` or ``aten``: which library runs fp32 CPU products in this process (decided
+    once; ``refresh`` decides again, e.g. after changing ``ZENLM_MATMUL``).
 
     ``auto`` times one mid-sized product (512x1024 by 1024x2048, ~2 GFLOP) three times with
     each library, alternating, ~40 ms once per process, and takes oneDNN only when its best time
@@ -56,7 +55,8 @@ def cpu_backend() -> str:
     are interchangeable in results, so a wrong call costs speed only.
     """
     global _resolved
-    _resolved = _choose()
+    if _resolved is None or refresh:
+        _resolved = _choose()
     return _resolved
 
 
