@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -336,20 +337,52 @@ def test_gpt2_family_trains_too(tmp_path, make_cfg):
     assert "pos_emb.weight" in weights and "lm_head.weight" not in weights
 
 
-def test_dtype_auto_trains_in_the_precision_the_machine_computes_natively(tmp_path, make_cfg):
-    """dtype auto: bf16 autocast exactly where the CPU has native bf16 (flag and oneDNN agree),
-    fp32 elsewhere; the run says which, and a bf16 run's loss tracks the fp32 run's."""
-    from zenlm.hardware import NATIVE_BF16_FLAGS, cpu_flags, native_bf16, resolve_dtype
+@pytest.mark.parametrize("flags,onednn,want", [
+    ({"avx2", "fma"}, False, "fp32"),                       # Zen 3: AVX2 only
+    ({"avx2", "avx512f", "avx512_bf16"}, False, "fp32"),    # the flag without oneDNN's kernels
+    ({"avx2", "avx512f"}, True, "fp32"),                    # oneDNN emulating on AVX-512F
+    ({"avx2", "avx512f", "avx512_bf16"}, True, "bf16"),     # Zen 4/5
+    ({"avx2", "amx_bf16"}, True, "bf16"),                   # Sapphire Rapids
+])
+def test_dtype_auto_follows_what_the_machine_reports(monkeypatch, flags, onednn, want):
+    """auto is bf16 exactly where the flags and oneDNN both say bf16 is native: both branches
+    are taken on any machine by faking what it reports."""
+    from zenlm import hardware
 
-    want = resolve_dtype("auto")
-    assert want == ("bf16" if native_bf16() else "fp32")
-    if not set(NATIVE_BF16_FLAGS) & cpu_flags():
-        assert want == "fp32"
-    assert resolve_dtype("fp32") == "fp32" and resolve_dtype("bf16") == "bf16"
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hardware, "onednn_bf16", lambda: onednn)
+    assert hardware.native_bf16() is (want == "bf16")
+    assert hardware.resolve_dtype("auto") == want
+    assert hardware.resolve_dtype("fp32") == "fp32" and hardware.resolve_dtype("bf16") == "bf16"
+    assert ("native bf16: yes" if want == "bf16" else "native bf16: no") in hardware.describe()
+
+
+def test_the_cpu_is_named_with_the_flags_that_matter():
+    from zenlm import hardware
+
+    line = hardware.describe()
+    assert hardware.cpu_model() in line
+    for flag in hardware.FLAGS_THAT_MATTER:
+        assert (flag in line.split("flags:")[1].split(";")[0].split()) == (flag in hardware.cpu_flags())
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_dtype_auto_trains_in_the_precision_the_machine_computes_natively(tmp_path, make_cfg,
+                                                                          monkeypatch, native):
+    """dtype auto trains in bf16 autocast where the machine reports native bf16 and in fp32
+    elsewhere (faked both ways); the run's log says which; a bf16 run's loss tracks fp32's."""
+    from zenlm import hardware
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": native)
+    want = "bf16" if native else "fp32"
     lines = []
     summary = pretrain(make_cfg(tmp_path / "auto", max_steps=3, dtype="auto"), log=lines.append)
     assert summary["dtype"] == want
-    assert any(line.startswith("model:") and line.endswith(f"{want} (dtype auto)") for line in lines)
+    model_line = next(line for line in lines if line.startswith("model:"))
+    assert re.search(rf", {want} \(dtype auto\)(;|$)", model_line), model_line
+    assert ("fp32 products via" in model_line) == (want == "fp32")
+    if native:
+        return
     fp32 = pretrain(make_cfg(tmp_path / "fp32", max_steps=3), log=quiet)
     bf16 = pretrain(make_cfg(tmp_path / "bf16", max_steps=3, dtype="bf16"), log=quiet)
     assert fp32["dtype"] == "fp32" and bf16["dtype"] == "bf16"

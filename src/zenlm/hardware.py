@@ -1,10 +1,11 @@
 """What the machine can do fast, so that ``auto`` settings pick the fast path only where it is.
 
-bf16 is the case in point: on CPUs with native bf16 dot products (AVX512-BF16, AMX) a bf16
-matmul runs several times faster than fp32 (measured on this project's AMD EPYC: 863 against
-198 GFLOP/s), while on AVX2-only CPUs it is emulated and ~100x slower. Choosing by a flag in
-``/proc/cpuinfo`` (and oneDNN's own check) costs nothing at start-up and cannot be fooled by a
-busy machine the way a timing probe can.
+Machines of one kind are not one CPU: an AVX2-only core emulates bf16 (a bf16 matmul ~100x
+slower than fp32), while one with AVX512-BF16 or AMX runs it several times faster than fp32.
+Choosing by the flags in ``/proc/cpuinfo`` (and oneDNN's own check) costs nothing at start-up
+and cannot be fooled by a busy machine the way a timing probe can. Every fast path asks here,
+through :func:`cpu_flags` and :func:`onednn_bf16`, so tests take both branches on any machine
+by faking those two.
 """
 
 from __future__ import annotations
@@ -15,18 +16,45 @@ from pathlib import Path
 import torch
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# The flags that change which kernels run, in the order a reader compares machines by.
+FLAGS_THAT_MATTER = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+                     "avx512_bf16", "amx_bf16", "amx_int8", "f16c")
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's ``key: value`` lines of /proc/cpuinfo (empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no flags known
-        return frozenset()
+    except OSError:  # not Linux
+        return {}
+    info: dict[str, str] = {}
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if not line.strip():
+            if info:
+                break
+            continue
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def cpu_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def cpu_model() -> str:
+    import platform
+
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def onednn_bf16() -> bool:
+    """oneDNN's own answer: whether it has bf16 kernels for this CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def native_bf16(device: str | torch.device = "cpu") -> bool:
@@ -36,11 +64,7 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    try:
-        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        onednn = False
-    return onednn and any(f in cpu_flags() for f in NATIVE_BF16_FLAGS)
+    return onednn_bf16() and any(f in cpu_flags() for f in NATIVE_BF16_FLAGS)
 
 
 def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> str:
@@ -50,4 +74,22 @@ def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> str:
     return dtype
 
 
-__all__ = ["cpu_flags", "native_bf16", "resolve_dtype"]
+def describe() -> str:
+    """One line naming the CPU and its kernel-relevant flags: printed by CI and the benches,
+    so every figure says which machine it came from."""
+    flags = cpu_flags()
+    have = [f for f in FLAGS_THAT_MATTER if f in flags]
+    return (f"{cpu_model()}; flags: {' '.join(have) or 'none of ' + ' '.join(FLAGS_THAT_MATTER)}; "
+            f"native bf16: {'yes' if native_bf16() else 'no'}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def main() -> None:
+    print(describe())
+
+
+if __name__ == "__main__":
+    main()
+
+__all__ = ["FLAGS_THAT_MATTER", "NATIVE_BF16_FLAGS", "cpu_flags", "cpu_model", "describe",
+           "native_bf16", "onednn_bf16", "resolve_dtype"]

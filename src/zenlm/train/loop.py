@@ -163,7 +163,7 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
         f"{trainable}); {world.size} process(es) on {device}, {torch.get_num_threads()} threads "
         f"each, {dtype}" + (" (dtype auto)" if tc.dtype == "auto" else "")
         # chosen before any torch.compile: a compiled graph cannot time the probe itself
-        + (f", fp32 products via {cpu_backend()}" if device == "cpu" and dtype == "fp32" else ""))
+        + (f"; fp32 products via {cpu_backend()}" if device == "cpu" and dtype == "fp32" else ""))
     if (about := task.describe()) is not None:
         log(about)
     train_model = torch.compile(model) if tc.compile else model
