@@ -44,9 +44,15 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_model() -> str:
+    """The CPU's name with its family and model numbers, which tell apart cores a generic name
+    hides ("AMD EPYC" is family 25 on Zen 3/4, 26 on Zen 5)."""
     import platform
 
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    info = _cpuinfo()
+    name = info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in info:
+        name += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+    return name
 
 
 def onednn_bf16() -> bool:
