@@ -30,3 +30,47 @@ def peak_matmul_gflops(n: int = 2048, reps: int = 8, dtype=None) -> float:
             product()
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def read_bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
+    """This machine's memory read rate right now (GB/s): a sum over an array far larger than
+    any cache, best of ``reps``. Decoding one token reads every weight once, so this is the
+    ceiling decode tokens/s are held against (bytes per token / this)."""
+    import torch
+
+    a = torch.ones(mb * (1 << 20) // 4)
+    a.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best / 1e9
+
+
+def bytes_read_per_token(model) -> int:
+    """The bytes of weights one decoding step reads: every parameter and buffer of the model
+    except the embedding table (a gather reads a row, not the table) unless the head reads it
+    (tied), and the rotary tables (a row per step)."""
+    skip = {"rope_cos", "rope_sin"}
+    head_is_embedding = getattr(model, "lm_head", None) is None
+    if not head_is_embedding:
+        skip.add("tok_emb.weight")
+    if getattr(model, "pos_emb", None) is not None:
+        skip.add("pos_emb.weight")
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in skip or t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def machine() -> dict:
+    """The CPU behind every figure: its name, the flags that choose kernels, the threads."""
+    from zenlm import hardware
+
+    return {"cpu": hardware.cpu_model(), "flags": sorted(f for f in hardware.FLAGS_THAT_MATTER
+                                                        if f in hardware.cpu_flags()),
+            "native_bf16": hardware.native_bf16(), "describe": hardware.describe()}

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import bytes_read_per_token, machine, read_bandwidth_gbs  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "infer_smollm2.json"
 PPL_TEXT = Path("/usr/share/common-licenses/GPL-3")
 PPL_CHARS = 20_000
@@ -94,6 +96,7 @@ def run_zenlm(int8: bool, threads: int, bf16: bool = False, int4: bool = False) 
         return n * batch
 
     out = measure(prefill, decode, first_token)
+    out["bytes_per_token"] = bytes_read_per_token(model)
     from zenlm.eval.perplexity import evaluate_text
 
     if int8 or int4:  # score through the kernels decoding uses, not the prefill fallback
@@ -130,6 +133,7 @@ def run_hf(threads: int) -> dict:
         return (out.shape[1] - enc.input_ids.shape[1]) * batch
 
     out = measure(prefill, decode, first_token)
+    out["bytes_per_token"] = bytes_read_per_token(model)
     out["ppl"] = hf_perplexity(model, tok)
     return out
 
@@ -263,6 +267,11 @@ def main() -> None:
         if n in names and not native_bf16():
             print(f"{n}: skipped (this CPU has no native bf16: it would be emulated, ~100x slower)")
             names.remove(n)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()['describe']}")
+    bandwidth = [read_bandwidth_gbs()]
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for rep in range(args.reps):  # alternate contestants within every repetition
         for n in names:
@@ -271,16 +280,26 @@ def main() -> None:
             if r:
                 runs[n].append(r)
 
-    keys = ["cold_start_s", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s", "peak_rss_mb", "ppl"]
+    bandwidth.append(read_bandwidth_gbs())
+    bw = max(bandwidth)  # the ceiling: the best read rate seen, before or after
+    keys = ["cold_start_s", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s", "peak_rss_mb", "ppl",
+            "bytes_per_token"]
     med = {n: {k: (statistics.median(v) if (v := [r[k] for r in rs if r.get(k) is not None]) else None)
                for k in keys} for n, rs in runs.items() if rs}
-    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF), {args.threads} threads, median of {args.reps}\n")
+    for m in med.values():  # decode at batch 1 against the bandwidth limit: bytes per token / GB/s
+        if m["decode_b1_tok_s"] and m["bytes_per_token"]:
+            m["limit_b1_tok_s"] = bw * 1e9 / m["bytes_per_token"]
+            m["bandwidth_use_b1"] = m["decode_b1_tok_s"] / m["limit_b1_tok_s"]
+    keys += ["limit_b1_tok_s", "bandwidth_use_b1"]
+    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF), {args.threads} threads, median of {args.reps}; "
+          f"read bandwidth {bw:.1f} GB/s\n{machine()['describe']}\n")
     header = f"{'':22}" + "".join(f"{n:>17}" for n in med)
     print(header)
     fmt = {"cold_start_s": "{:.2f}", "prefill_tok_s": "{:.0f}", "decode_b1_tok_s": "{:.1f}",
-           "decode_b8_tok_s": "{:.1f}", "peak_rss_mb": "{:.0f}", "ppl": "{:.3f}"}
+           "decode_b8_tok_s": "{:.1f}", "peak_rss_mb": "{:.0f}", "ppl": "{:.3f}",
+           "bytes_per_token": "{:.3g}", "limit_b1_tok_s": "{:.1f}", "bandwidth_use_b1": "{:.0%}"}
     for k in keys:
-        cells = [("-" if med[n][k] is None else fmt[k].format(med[n][k])) for n in med]
+        cells = [("-" if med[n].get(k) is None else fmt[k].format(med[n][k])) for n in med]
         print(f"{k:22}" + "".join(f"{c:>17}" for c in cells))
     ratios = {}
     if "hf" in med:
@@ -305,7 +324,8 @@ def main() -> None:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"median": med, "runs": runs, "ratios": ratios, "versions": versions(),
+    out.write_text(json.dumps({"machine": machine(), "read_bandwidth_gbs": bandwidth,
+                               "median": med, "runs": runs, "ratios": ratios, "versions": versions(),
                                "threads": args.threads, "reps": args.reps}, indent=2))
     print(f"wrote {out}")
 
