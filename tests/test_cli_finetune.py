@@ -51,7 +51,7 @@ def test_predict_keeps_rows_and_adds_label_and_probabilities(cli_classifier):
         for i, (text, _) in enumerate(rows):
             w.writerow([i, f'{text}, "quoted"'])
     out = root / "pred.jsonl"
-    p = run_cli("predict", "--run", run, "--input", src, "--output", out)
+    p = run_cli("predict", "--model", run, "--input", src, "--out", out)
     assert p.returncode == 0, p.stderr
     got = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in got] == [str(i) for i in range(20)]
