@@ -318,3 +318,19 @@ def test_one_name_for_the_time_budget_and_the_run_folder(tmp_path, monkeypatch):
     assert main(["speedrun", "--name", "old", "--runs-dir", str(tmp_path)]) == 0
     assert (seen[1].runs_dir, seen[1].name) == (str(tmp_path), "old")
     assert main(["speedrun", "--out", "a", "--name", "b"]) == 2
+
+
+@pytest.mark.parametrize("flags,want", [
+    ([], ("M", "fp32", "none")),
+    (["--dtype", "fp16"], ("M", "fp16", "none")),
+    (["--quantize", "q8_0"], ("M", "fp32", "q8_0")),
+    (["--dtype", "f16"], ("M", "fp16", "none")),  # GGUF's names, as export spelled them before
+    (["--dtype", "q8_0"], ("M", "fp32", "q8_0")),
+])
+def test_export_reads_one_dtype_vocabulary_and_the_old_names(flags, want):
+    from zenlm.cli.export import _options
+    from zenlm.cli.main import build_parser
+
+    for model in (["M"], ["--model", "M"]):
+        args = build_parser().parse_args(["export", *model, "--format", "gguf", "--out", "o", *flags])
+        assert _options(args) == want

@@ -105,8 +105,11 @@ def run(args) -> int:
     raw: dict = {}
     if args.resume:
         raw = resumed_config(args.resume, args.out)
+        if raw.get("task") is None:
+            raise ConfigError(f"{args.resume} is a pretraining run: continue it with "
+                              f"`zenlm pretrain --resume {args.resume}`")
         if raw.get("task") != args.task:
-            raise ConfigError(f"{args.resume} is a {raw.get('task')} run, not {args.task}")
+            raise ConfigError(f"{args.resume} is a {raw['task']} run, not {args.task}")
         args.out = args.resume  # a resumed run stays in its folder, whatever a recipe says
     if args.config:
         raw = merge(raw, load_yaml(args.config))
