@@ -61,7 +61,7 @@ def test_end_to_end_prepare_pretrain_generate_eval(cli_run, corpus_text):
     assert manifest["vocab_size"] == 384
 
     # generate: the prompt, then exactly the library's greedy completion
-    p = run_cli("generate", "--run", run, "--prompt", "def main(", "--greedy", "--max-new-tokens", 20)
+    p = run_cli("generate", "--model", run, "--prompt", "def main(", "--greedy", "--max-new-tokens", 20)
     assert p.returncode == 0, p.stderr
     loaded = load_run(run)
     want = generate(loaded.model, loaded.tokenizer, "def main(", temperature=0, max_new_tokens=20)
@@ -74,17 +74,17 @@ def test_end_to_end_prepare_pretrain_generate_eval(cli_run, corpus_text):
 
     from zenlm.infer.quantize import calibration_ids, quantize_int8
 
-    variants = {("--int8",): lambda m: quantize_int8(m),
-                ("--int8", "all"): lambda m: quantize_int8(m, calibration=calibration_ids(loaded.tokenizer)),
+    smoothed = lambda m: quantize_int8(m, calibration=calibration_ids(loaded.tokenizer))  # noqa: E731
+    variants = {("--quantize", "int8"): lambda m: quantize_int8(m),
+                ("--quantize", "int8-all"): smoothed,
+                ("--int8", "all"): smoothed,  # the flag before --quantize, still read
                 ("--dtype", "bf16"): lambda m: m.to(torch.bfloat16)}
     from zenlm.hardware import native_bf16
 
     if native_bf16():  # int4 refuses CPUs that only emulate bf16
         from zenlm.infer.quantize import quantize_int4
 
-        variants[("--int4",)] = quantize_int4
-    p = run_cli("generate", "--run", run, "--prompt", "x", "--int4", "--int8")
-    assert p.returncode == 2 and "choose one of --int4 and --int8" in p.stderr
+        variants[("--quantize", "int4")] = quantize_int4
     for flags, prepare in variants.items():
         p = run_cli("generate", "--run", run, "--prompt", "def main(", "--greedy", "--max-new-tokens", 12, *flags)
         assert p.returncode == 0, (flags, p.stderr)
@@ -101,7 +101,7 @@ def test_end_to_end_prepare_pretrain_generate_eval(cli_run, corpus_text):
     # eval: the same numbers as the library
     text_file = cli_run["root"] / "eval.txt"
     text_file.write_text(corpus_text[-5000:])
-    p = run_cli("eval", "--run", run, "--data", text_file, "--json")
+    p = run_cli("eval", "--model", run, "--data", text_file, "--json")
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout)
     res = evaluate_text(loaded.model, loaded.tokenizer, corpus_text[-5000:])
@@ -110,6 +110,23 @@ def test_end_to_end_prepare_pretrain_generate_eval(cli_run, corpus_text):
     assert got["bpb"] == pytest.approx(res.bits_per_byte, rel=1e-6)
     p = run_cli("eval", "--run", run, "--data", text_file)
     assert p.returncode == 0 and "bits/byte" in p.stdout
+
+
+def test_pretrain_out_and_minutes_and_resume(cli_run, tmp_path):
+    """--out names the run folder and --minutes the budget, over the recipe's values; --resume
+    RUN_DIR continues in that folder and will not be pointed at another."""
+    run = tmp_path / "elsewhere"
+    p = run_cli("pretrain", "--config", cli_run["recipe"], "--out", run, "--minutes", 5,
+                "--set", "train.max_steps=2")
+    assert p.returncode == 0, p.stderr
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["out_dir"] == str(run) and saved["train"]["max_minutes"] == 5.0
+    assert json.loads((run / "summary.json").read_text())["step"] == 2
+    assert_one_line_error(run_cli("pretrain", "--resume", run, "--out", tmp_path / "other"),
+                          "continues that run in its own folder", "drop --out")
+    p = run_cli("pretrain", "--resume", run, "--config", cli_run["recipe"], "--set", "train.max_steps=3")
+    assert p.returncode == 0, p.stderr  # the recipe's out_dir does not move a resumed run
+    assert "from step 2" in p.stdout and json.loads((run / "summary.json").read_text())["step"] == 3
 
 
 def test_resume_from_the_command_line(cli_run, tmp_path):
@@ -214,6 +231,45 @@ def test_pretrain_without_a_recipe(tmp_path):
     assert_one_line_error(run_cli("pretrain"), "give --config")
 
 
+@pytest.mark.parametrize("flags,fragments", [
+    (("--quantize", "int3"), ("unknown quantization 'int3'", "none, int8, int8-all, int4")),
+    (("--dtype", "fp16"), ("unknown dtype 'fp16'", "fp32, bf16, auto")),
+])
+def test_bad_quantize_or_dtype(tmp_path, flags, fragments):
+    """Refused by name before anything loads (the model here does not even exist)."""
+    for command in (("generate", "--prompt", "x"), ("chat",)):
+        p = run_cli(*command, "--model", tmp_path / "missing", *flags)
+        assert_one_line_error(p, *fragments)
+
+
+def test_export_refuses_a_gguf_quantization_for_hf(tmp_path):
+    p = run_cli("export", "--model", tmp_path / "missing", "--format", "hf", "--out", tmp_path / "x",
+                "--quantize", "q8_0")
+    assert_one_line_error(p, "GGUF quantization", "--format gguf")
+
+
+def test_version():
+    from importlib.metadata import version
+
+    p = run_cli("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"zenlm {version('zenlm')}"
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "--prompt", "x"], ["chat"], ["eval", "--data", "t.txt"], ["predict"],
+    ["export", "--format", "gguf", "--out", "o.gguf"], ["finetune", "chat", "--train", "t.jsonl"],
+    ["finetune", "classify", "--train", "t.tsv"],
+])
+def test_every_command_that_takes_a_model_takes_model(command):
+    """--model on every such command (--run its alias where it was the name before)."""
+    from zenlm.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args([*command, "--model", "M"]).model == "M"
+    if command[0] != "finetune":  # --run there would read as the run being written
+        assert parser.parse_args([*command, "--run", "M"]).model == "M"
+
+
 @pytest.mark.slow
 def test_shakespeare_learns_from_the_command_line(tmp_path, shakespeare_file, shakespeare_text):
     """A longer run (1500 steps) on real English: well below the uniform baseline of ln 512 = 6.24.
@@ -239,3 +295,42 @@ def test_shakespeare_learns_from_the_command_line(tmp_path, shakespeare_file, sh
     assert got["bpb"] < 2.8
     p = run_cli("generate", "--run", run, "--prompt", "ROMEO:\n", "--greedy", "--max-new-tokens", 30)
     assert p.returncode == 0 and len(p.stdout) > len("ROMEO:\n") + 10
+
+
+def test_one_name_for_the_time_budget_and_the_run_folder(tmp_path, monkeypatch):
+    """--minutes and --out on pretrain, finetune and speedrun (finetune's --max-minutes and
+    speedrun's --name/--runs-dir still read)."""
+    import zenlm.speedrun
+    from zenlm.cli.finetune import COMMON
+    from zenlm.cli.main import build_parser, main
+
+    parser = build_parser()
+    for command in (["pretrain"], ["finetune", "chat"], ["speedrun"]):
+        args = parser.parse_args([*command, "--minutes", "3", "--out", "r"])
+        assert args.minutes == 3.0 and args.out == "r", command
+    assert parser.parse_args(["finetune", "classify", "--max-minutes", "4"]).minutes == 4.0
+    assert COMMON["minutes"] == "train.max_minutes" and COMMON["out"] == "train.out_dir"
+
+    seen = []
+    monkeypatch.setattr(zenlm.speedrun, "speedrun", lambda cfg: seen.append(cfg))
+    assert main(["speedrun", "--out", str(tmp_path / "sr"), "--minutes", "2"]) == 0
+    assert (seen[0].runs_dir, seen[0].name, seen[0].minutes) == (str(tmp_path), "sr", 2.0)
+    assert main(["speedrun", "--name", "old", "--runs-dir", str(tmp_path)]) == 0
+    assert (seen[1].runs_dir, seen[1].name) == (str(tmp_path), "old")
+    assert main(["speedrun", "--out", "a", "--name", "b"]) == 2
+
+
+@pytest.mark.parametrize("flags,want", [
+    ([], ("M", "fp32", "none")),
+    (["--dtype", "fp16"], ("M", "fp16", "none")),
+    (["--quantize", "q8_0"], ("M", "fp32", "q8_0")),
+    (["--dtype", "f16"], ("M", "fp16", "none")),  # GGUF's names, as export spelled them before
+    (["--dtype", "q8_0"], ("M", "fp32", "q8_0")),
+])
+def test_export_reads_one_dtype_vocabulary_and_the_old_names(flags, want):
+    from zenlm.cli.export import _options
+    from zenlm.cli.main import build_parser
+
+    for model in (["M"], ["--model", "M"]):
+        args = build_parser().parse_args(["export", *model, "--format", "gguf", "--out", "o", *flags])
+        assert _options(args) == want

@@ -51,7 +51,7 @@ def test_predict_keeps_rows_and_adds_label_and_probabilities(cli_classifier):
         for i, (text, _) in enumerate(rows):
             w.writerow([i, f'{text}, "quoted"'])
     out = root / "pred.jsonl"
-    p = run_cli("predict", "--run", run, "--input", src, "--output", out)
+    p = run_cli("predict", "--model", run, "--input", src, "--out", out)
     assert p.returncode == 0, p.stderr
     got = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in got] == [str(i) for i in range(20)]
@@ -164,6 +164,10 @@ def test_finetune_chat_from_prompt_response_pairs(tmp_path, trained_run):
       "--set", "finetune.layer_decy=0.9"], ["unknown config key 'finetune.layer_decy'",
                                            "did you mean 'finetune.layer_decay'"]),
     (["predict", "--run", "{base}", "--input", "{train}"], ["is not a classifier"]),
+    (["predict", "--model", "{base}", "--dtype", "f32"], ["unknown dtype 'f32'"]),
+    (["finetune", "classify", "--resume", "{base}", "--out", "elsewhere"],
+     ["continues that run in its own folder", "drop --out"]),
+    (["finetune", "chat", "--resume", "{base}"], ["is a pretraining run", "zenlm pretrain --resume"]),
     (["eval", "--model", "{base}", "--task", "classify", "--data", "{train}", "--text-col", "sentence",
       "--shots", "2"], ["--shots needs --train"]),
 ])

@@ -13,26 +13,20 @@ from __future__ import annotations
 
 import sys
 
-from zenlm.cli.generate import add_sampling_args, load_for_text, sampling_config
+from zenlm.cli.common import add_model_arg, add_sampling_args, load_for_text, sampling_config, show_prompt
 
 HELP = "/reset: forget the conversation   /system TEXT: set the system prompt   /exit: leave"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="an interactive chat with a model that has a chat template")
-    p.add_argument("--model", "--run", dest="model", default="smollm2", metavar="RUN_OR_MODEL",
-                   help="a run folder, Hugging Face folder, .gguf file, 'smollm2' (default) or a hub id")
+    add_model_arg(p, required=False, default="smollm2",
+                  help="a run folder, Hugging Face folder, .gguf file, 'smollm2' (default) or a hub id")
     p.add_argument("--system", help="the system prompt to start with")
     p.add_argument("--show-prompt", action="store_true",
                    help="before each reply, print the prompt as the model sees it (to stderr)")
     add_sampling_args(p, max_new_tokens=512)
     p.set_defaults(func=run)
-
-
-def show_prompt(text: str, n_tokens: int) -> None:
-    """The prompt as the model sees it, between marker lines (stderr: debugging, not chat)."""
-    sys.stderr.write(f"[prompt: {n_tokens} tokens]\n{text}\n[end of prompt]\n")
-    sys.stderr.flush()
 
 
 def _note(text: str) -> None:
@@ -43,7 +37,7 @@ def run(args) -> int:
     from zenlm.errors import PromptTooLongError
     from zenlm.infer.chat import ChatSession
 
-    loaded = load_for_text(args.model, args.int8, args.compile, args.dtype, args.int4)
+    loaded = load_for_text(args.model, args.dtype, args.quantize, args.compile)
     session = ChatSession(loaded.model, loaded.tokenizer, sampling_config(args), system=args.system)
     if sys.stdin.isatty():
         try:  # line editing and history at the prompt, where the platform has it

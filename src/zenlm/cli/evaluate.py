@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from zenlm.cli.common import add_model_arg
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, multiple-choice or classification accuracy of a model")
-    p.add_argument("--run", "--model", dest="model", required=True,
-                   help="a run folder, Hugging Face folder, .gguf file, smollm2 or hub id")
+    add_model_arg(p)
     p.add_argument("--data", required=True, help="text file (ppl), JSONL (choice) or TSV/CSV/JSONL (classify)")
     p.add_argument("--task", choices=["ppl", "choice", "classify"], default="ppl")
     p.add_argument("--seq-len", type=int, help="ppl: tokens per window (default: the model's context)")

@@ -7,7 +7,10 @@ over both).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+from zenlm.cli.common import MODEL_HELP, add_minutes_arg, add_resume_arg, resumed_config
 
 # flag -> config key; a flag left out leaves the recipe's value or the default
 COMMON = {
@@ -18,7 +21,7 @@ COMMON = {
     "layer_decay": "finetune.layer_decay", "freeze_layers": "finetune.freeze_layers",
     "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
     "lora_targets": "lora.targets",
-    "out": "train.out_dir", "max_steps": "train.max_steps", "max_minutes": "train.max_minutes",
+    "out": "train.out_dir", "max_steps": "train.max_steps", "minutes": "train.max_minutes",
     "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "lr": "train.lr",
     "eval_every": "train.eval_every", "early_stopping": "train.early_stop_patience",
     "early_stop_metric": "train.early_stop_metric", "seed": "train.seed",
@@ -30,8 +33,7 @@ CHAT = {"prompt_field": "data.prompt_field", "response_field": "data.response_fi
 
 
 def _common(p) -> None:
-    p.add_argument("--model", help="the model to start from: a run folder, a Hugging Face folder, "
-                                   "a .gguf file, smollm2 or a hub id")
+    p.add_argument("--model", metavar="RUN_OR_MODEL", help=f"the model to start from: {MODEL_HELP}")
     p.add_argument("--train", help="the training file")
     p.add_argument("--val", help="a validation file (default: carve --val-fraction of --train)")
     p.add_argument("--format", choices=["tsv", "csv", "jsonl"], help="file format (default: from the name)")
@@ -42,14 +44,15 @@ def _common(p) -> None:
     p.add_argument("--method", choices=["lora", "full"], help="LoRA adapters on a frozen model (default) or full fine-tuning")
     p.add_argument("--lora-r", type=int, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16; the update is scaled by alpha/r)")
-    p.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0.05)")
+    p.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0)")
     p.add_argument("--lora-targets", help="modules to adapt: q,k,v,o,gate,up,down or attn, mlp, all (default q,k,v,o)")
     p.add_argument("--layer-decay", type=float, help="layer-wise LR decay: lr x decay^(layers from the top) (default 1: off)")
     p.add_argument("--freeze-embeddings", action="store_true", default=None, help="do not train the embeddings (full fine-tuning)")
     p.add_argument("--freeze-layers", type=int, help="do not train the first N layers")
-    p.add_argument("--epochs", type=float, help="passes over the training data (default 1 unless --max-steps/--max-minutes)")
+    p.add_argument("--epochs", type=float, help="passes over the training data (default 1 unless --max-steps/--minutes)")
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float, help="wall-clock budget; the LR schedule is fitted to it")
+    add_minutes_arg(p)
+    p.add_argument("--max-minutes", dest="minutes", type=float, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 for LoRA, 5e-5 for full)")
@@ -60,7 +63,7 @@ def _common(p) -> None:
     p.add_argument("--config", help="a YAML recipe of the fine-tune config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set finetune.freeze_layers=4 (repeatable)")
-    p.add_argument("--resume", metavar="RUN", help="continue the fine-tune run in folder RUN")
+    add_resume_arg(p)
 
 
 def add_parser(sub) -> None:
@@ -96,18 +99,18 @@ def _put(raw: dict, key: str, value) -> None:
 def run(args) -> int:
     import zenlm
     from zenlm.config import load_yaml, merge, parse_overrides
-    from zenlm.errors import CheckpointError, ConfigError
+    from zenlm.errors import ConfigError
     from zenlm.train.finetune import finetune, resolve_finetune
 
     raw: dict = {}
     if args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
-            raise CheckpointError(f"{args.resume} is not a zenlm run folder (no config.yaml)")
-        raw = load_yaml(str(saved))
+        raw = resumed_config(args.resume, args.out)
+        if raw.get("task") is None:
+            raise ConfigError(f"{args.resume} is a pretraining run: continue it with "
+                              f"`zenlm pretrain --resume {args.resume}`")
         if raw.get("task") != args.task:
-            raise ConfigError(f"{args.resume} is a {raw.get('task')} run, not {args.task}")
-        _put(raw, "train.out_dir", args.resume)
+            raise ConfigError(f"{args.resume} is a {raw['task']} run, not {args.task}")
+        args.out = args.resume  # a resumed run stays in its folder, whatever a recipe says
     if args.config:
         raw = merge(raw, load_yaml(args.config))
     raw["task"] = args.task

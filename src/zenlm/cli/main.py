@@ -22,8 +22,22 @@ COMMANDS = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version (what pip reports), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("zenlm")
+    except PackageNotFoundError:
+        from zenlm import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zenlm", description="Train, evaluate and run Transformer language models.")
+    parser.add_argument("--version", action="version", version=f"zenlm {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in COMMANDS.items():
         importlib.import_module(module).add_parser(sub)

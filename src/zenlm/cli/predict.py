@@ -1,4 +1,4 @@
-"""`zenlm predict --run RUN --input FILE --output FILE`: label new text with a fine-tuned classifier.
+"""`zenlm predict --model RUN --input FILE --out FILE`: label new text with a fine-tuned classifier.
 
 The output keeps every input row and column and adds the predicted label (``label``, or
 ``predicted_label`` when the input already has a ``label`` column) and one probability column
@@ -8,15 +8,19 @@ reads plain lines from stdin and writes JSONL to stdout.
 
 from __future__ import annotations
 
+from zenlm.cli.common import add_dtype_arg, add_model_arg
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="label text with a classifier from `zenlm finetune classify`")
-    p.add_argument("--run", required=True, help="a run folder written by `zenlm finetune classify`")
+    add_model_arg(p, help="a run folder written by `zenlm finetune classify`")
     p.add_argument("--input", default="-", help="TSV, CSV or JSONL file, or - for lines on stdin (default)")
-    p.add_argument("--output", default="-", help="TSV, CSV or JSONL file, or - for JSONL on stdout (default)")
+    p.add_argument("--out", "--output", dest="out", default="-",
+                   help="TSV, CSV or JSONL file, or - for JSONL on stdout (default)")
     p.add_argument("--text-col", help="the column holding the text (default: the one the run was trained on)")
     p.add_argument("--format", choices=["tsv", "csv", "jsonl", "lines"], help="input format (default: from the name)")
     p.add_argument("--batch-size", type=int, default=32)
+    add_dtype_arg(p)
     p.set_defaults(func=run)
 
 
@@ -28,12 +32,15 @@ def run(args) -> int:
     from zenlm.data.tables import column, read_table, write_table
     from zenlm.errors import ConfigError
     from zenlm.eval.classify import classify_texts
+    from zenlm.infer.prepare import check_options, prepare_for_decoding
 
-    loaded = zenlm.load(args.run)
+    check_options(args.dtype, "none")
+    loaded = zenlm.load(args.model)
     classifier = loaded.model
     if not hasattr(classifier, "labels"):
-        raise ConfigError(f"{args.run} is not a classifier (train one with `zenlm finetune classify`)")
-    data_cfg = yaml.safe_load((Path(args.run) / "config.yaml").read_text()).get("data") or {}
+        raise ConfigError(f"{args.model} is not a classifier (train one with `zenlm finetune classify`)")
+    prepare_for_decoding(classifier, args.dtype)  # LoRA merged: one product per projection
+    data_cfg = yaml.safe_load((Path(args.model) / "config.yaml").read_text()).get("data") or {}
     columns, rows = read_table(args.input, args.format)
     text_col = args.text_col
     if text_col is None:
@@ -50,5 +57,5 @@ def run(args) -> int:
         row[label_col] = classifier.labels[max(range(len(p)), key=p.__getitem__)]
         for col, value in zip(prob_cols, p):
             row[col] = round(value, 6)
-    write_table(args.output, out_cols, rows)
+    write_table(args.out, out_cols, rows)
     return 0

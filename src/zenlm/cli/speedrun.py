@@ -2,28 +2,43 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def add_parser(sub) -> None:
+    from zenlm.cli.common import add_minutes_arg
     from zenlm.speedrun import SIZES, SpeedrunConfig
 
     d = SpeedrunConfig()
     p = sub.add_parser("speedrun", help="train a tokenizer and a small model end to end, then report")
     p.add_argument("--corpus", help="a text file or folder (default: the Python standard library's sources)")
-    p.add_argument("--name", help="run name (default: speedrun-DATE-TIME)")
-    p.add_argument("--runs-dir", default=d.runs_dir)
-    p.add_argument("--minutes", type=float, default=d.minutes, help=f"training budget (default {d.minutes:g})")
+    p.add_argument("--out", metavar="DIR", help=f"the run folder (default: {d.runs_dir}/speedrun-DATE-TIME)")
+    p.add_argument("--name", help=argparse.SUPPRESS)  # before --out: the folder's name ...
+    p.add_argument("--runs-dir", help=argparse.SUPPRESS)  # ... and its parent
+    add_minutes_arg(p, help=f"training budget (default {d.minutes:g})")
     p.add_argument("--size", choices=list(SIZES), default=d.size)
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=d.dtype,
+    p.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default=d.dtype,
                    help="training precision (default auto: bf16 autocast where the CPU has native bf16)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from zenlm.errors import ConfigError
     from zenlm.speedrun import SpeedrunConfig, speedrun
 
-    speedrun(SpeedrunConfig(corpus=args.corpus, name=args.name, runs_dir=args.runs_dir,
-                            minutes=args.minutes, size=args.size, vocab_size=args.vocab_size,
-                            dtype=args.dtype, seed=args.seed))
+    d = SpeedrunConfig()
+    name, runs_dir = args.name, args.runs_dir or d.runs_dir
+    if args.out:
+        if args.name or args.runs_dir:
+            raise ConfigError("--out names the run folder; drop --name and --runs-dir")
+        out = Path(args.out)
+        name, runs_dir = out.name, str(out.parent)
+    speedrun(SpeedrunConfig(corpus=args.corpus, name=name, runs_dir=runs_dir,
+                            minutes=d.minutes if args.minutes is None else args.minutes,
+                            size=args.size, vocab_size=args.vocab_size, dtype=args.dtype,
+                            seed=args.seed))
     return 0

@@ -177,12 +177,25 @@ def named_as(name: str, names: tuple[str, ...]) -> bool:
 
 
 def replace_projections(model: nn.Module, make) -> None:
-    """Swap each ``nn.Linear`` of the blocks' attention and MLP for ``make(name, linear)``
-    (kept as it is where that returns None)."""
-    for block in model.blocks:
+    """Swap each plain linear layer of the blocks' attention and MLP for ``make(name, linear)``
+    (kept as it is where that returns None).
+
+    A linear layer with something attached (a ``LoRALinear`` is an ``nn.Linear`` too) is
+    refused: ``make`` reads only ``weight`` and ``bias``, so it would drop the adapter's update
+    without a word. Merge adapters first (``zenlm.infer.prepare`` does)."""
+    from zenlm.errors import ConfigError
+    from zenlm.model.linear import is_plain_linear
+
+    for i, block in enumerate(model.blocks):
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and (new := make(name, child)) is not None:
+                if not isinstance(child, nn.Linear):
+                    continue
+                if not is_plain_linear(child):
+                    raise ConfigError(f"blocks.{i}.{name} is a {type(child).__name__}, not a plain "
+                                      f"linear layer: merge LoRA adapters before quantizing "
+                                      f"(zenlm.model.lora.merge_lora)")
+                if (new := make(name, child)) is not None:
                     setattr(parent, name, new)
 
 
