@@ -72,19 +72,12 @@ def test_end_to_end_prepare_pretrain_generate_eval(cli_run, corpus_text):
 
     import torch
 
-    from zenlm.infer.quantize import calibration_ids, quantize_int8
+    from zenlm.infer.quantize import quantize_int4, quantize_int8
 
-    smoothed = lambda m: quantize_int8(m, calibration=calibration_ids(loaded.tokenizer))  # noqa: E731
-    variants = {("--quantize", "int8"): lambda m: quantize_int8(m),
-                ("--quantize", "int8-all"): smoothed,
-                ("--int8", "all"): smoothed,  # the flag before --quantize, still read
+    variants = {("--quantize", "int8"): quantize_int8,
+                ("--int8",): quantize_int8,  # the flag before --quantize, still read
+                ("--quantize", "int4"): quantize_int4,
                 ("--dtype", "bf16"): lambda m: m.to(torch.bfloat16)}
-    from zenlm.hardware import native_bf16
-
-    if native_bf16():  # int4 refuses CPUs that only emulate bf16
-        from zenlm.infer.quantize import quantize_int4
-
-        variants[("--quantize", "int4")] = quantize_int4
     for flags, prepare in variants.items():
         p = run_cli("generate", "--run", run, "--prompt", "def main(", "--greedy", "--max-new-tokens", 12, *flags)
         assert p.returncode == 0, (flags, p.stderr)
@@ -232,7 +225,7 @@ def test_pretrain_without_a_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("flags,fragments", [
-    (("--quantize", "int3"), ("unknown quantization 'int3'", "none, int8, int8-all, int4")),
+    (("--quantize", "int3"), ("unknown quantization 'int3'", "none, int8, int4")),
     (("--dtype", "fp16"), ("unknown dtype 'fp16'", "fp32, bf16, auto")),
 ])
 def test_bad_quantize_or_dtype(tmp_path, flags, fragments):

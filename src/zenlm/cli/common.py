@@ -27,7 +27,7 @@ class _QuantizeAlias(argparse.Action):
         if option_string == "--int4":
             namespace.quantize = "int4"
         else:
-            namespace.quantize = "int8-all" if values == "all" else "int8"
+            namespace.quantize = "int8"  # "all" named a mode that weight-only int8 made redundant
 
 
 def add_dtype_arg(p) -> None:
@@ -41,12 +41,10 @@ def add_dtype_arg(p) -> None:
 def add_decoding_args(p) -> None:
     """``--dtype``, ``--quantize``, ``--compile``: the knobs of ``zenlm.infer.prepare``."""
     add_dtype_arg(p)
-    p.add_argument("--quantize", default="none", metavar="none|int8|int8-all|int4",
-                   help="int8: int8 weights (weight-only where the CPU has native bf16; elsewhere "
-                        "int8 activations too, q/k/v and down_proj kept in float); int8-all: every "
-                        "projection, after smoothing outliers into the weights; int4: 4-bit weights "
-                        "in groups of 32 with bf16 activations (needs native bf16). LoRA adapters "
-                        "are merged first (zenlm.infer.prepare)")
+    p.add_argument("--quantize", default="none", metavar="none|int8|int4",
+                   help="int8: every projection and the output head as int8 rows; int4: 4-bit "
+                        "weights in groups of 32, the head int8. Weight-only (the input stays "
+                        "float), on any CPU; LoRA adapters are merged first (zenlm.infer.prepare)")
     p.add_argument("--int8", nargs="?", const="safe", choices=["safe", "all"], action=_QuantizeAlias,
                    help=argparse.SUPPRESS)
     p.add_argument("--int4", nargs=0, action=_QuantizeAlias, help=argparse.SUPPRESS)

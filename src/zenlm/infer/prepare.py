@@ -18,10 +18,9 @@ from torch import nn
 from zenlm.errors import ConfigError
 
 DTYPES = ("fp32", "bf16", "auto")
-# none: float weights; int8: int8 rows, skipping the outlier-prone inputs where activations
-# are int8 too; int8-all: every projection, after smoothing outliers into the weights with a
-# little calibration text; int4: 4-bit groups with bf16 activations (native bf16 only)
-QUANTIZE = ("none", "int8", "int8-all", "int4")
+# none: float weights; int8: every projection and the head as int8 rows; int4: 4-bit groups of
+# 32 inputs, the head int8. Both weight-only (zenlm.infer.quantize), on any CPU.
+QUANTIZE = ("none", "int8", "int4")
 
 
 def check_options(dtype: str, quantize: str) -> None:
@@ -30,16 +29,6 @@ def check_options(dtype: str, quantize: str) -> None:
         raise ConfigError(f"unknown dtype {dtype!r}: choose {', '.join(DTYPES)}")
     if quantize not in QUANTIZE:
         raise ConfigError(f"unknown quantization {quantize!r}: choose {', '.join(QUANTIZE)}")
-
-
-def check_int4(device: torch.device) -> None:
-    """int4's products run in bf16; where bf16 is emulated they are ~100x slower than fp32, so
-    int4 is refused there rather than run. The one place this rule lives."""
-    from zenlm.hardware import native_bf16
-
-    if not native_bf16(device):
-        raise ConfigError("int4 computes in bf16, which this CPU only emulates (~100x slower); "
-                          "use int8 instead")
 
 
 def _transformer(model: nn.Module) -> nn.Module:
@@ -53,9 +42,8 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "fp32", quantize: str = 
     """Ready ``model`` (a Transformer, or a classifier around one) for inference, in place.
 
     ``dtype``: fp32 | bf16 | auto (bf16 where it is native on the model's device). ``quantize``:
-    none | int8 | int8-all | int4; int8-all calibrates on text, so it needs ``tokenizer``;
-    int4 keeps its float parts in fp32 (they are small and slower in bf16 on a CPU), so it
-    refuses an explicit bf16. ``compile`` compiles the one-token decode step. The model is
+    none | int8 | int4; int4 keeps its float parts in fp32 (they are small and slower in bf16
+    on a CPU), so it refuses an explicit bf16. ``compile`` compiles the one-token decode step. The model is
     frozen and put in eval mode: this is for using a model, not training it.
     """
     from zenlm.hardware import resolve_dtype
@@ -66,23 +54,18 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "fp32", quantize: str = 
     device = body.tok_emb.weight.device
     if quantize != "none" and body is not model:
         raise ConfigError(f"quantize {quantize} is for language models; a classifier runs in float")
-    if quantize == "int4":
-        check_int4(device)
-        if dtype == "bf16":
-            raise ConfigError("int4 computes its products in bf16 and keeps the rest in fp32; "
-                              "drop dtype bf16")
-    if quantize == "int8-all" and tokenizer is None:
-        raise ConfigError("quantize int8-all calibrates on text: it needs the model's tokenizer")
+    if quantize == "int4" and dtype == "bf16":
+        raise ConfigError("int4 keeps the parts it does not quantize in fp32; drop dtype bf16")
 
     merge_lora(model)
     model.requires_grad_(False).eval()
     body.fuse_projections()
     if quantize != "int4" and resolve_dtype(dtype, device) == "bf16":
         model.to(torch.bfloat16)
-    if quantize in ("int8", "int8-all"):
-        from zenlm.infer.quantize import calibration_ids, quantize_int8
+    if quantize == "int8":
+        from zenlm.infer.quantize import quantize_int8
 
-        quantize_int8(body, calibration=calibration_ids(tokenizer) if quantize == "int8-all" else None)
+        quantize_int8(body)
     elif quantize == "int4":
         from zenlm.infer.quantize import quantize_int4
 
@@ -94,4 +77,4 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "fp32", quantize: str = 
     return model
 
 
-__all__ = ["DTYPES", "QUANTIZE", "check_int4", "check_options", "prepare_for_decoding"]
+__all__ = ["DTYPES", "QUANTIZE", "check_options", "prepare_for_decoding"]

@@ -2,28 +2,21 @@
 
 Decoding one token reads every weight once, so on a CPU it is bound by memory bandwidth, not
 arithmetic. Storing weights as int8 (one scale per output row) cuts those bytes by 4, int4 (a
-scale and a zero per group of 32 inputs) by 8. How the activations meet them depends on the CPU:
+scale and a zero per group of 32 inputs) by 8. Both are weight-only: each token's input stays
+in float (rounded to bf16 for the kernel, which converts it back to fp32 to accumulate), so only
+the weights' rounding is lost and every projection, the output head included, can go int8.
 
-* with native bf16 (AVX512-BF16/AMX, ``zenlm.hardware``), int8 weights multiply bf16 inputs
-  directly (``torch.ops.aten._weight_int8pack_mm``): weight-only, so every projection goes int8
-  (SmolLM2-135M from its GGUF, 2 threads: ~100 tokens/s against ~25 in fp32, perplexity
-  ~+1% on GPL-3, much of it the re-rounding of the file's 4-bit groups to 8-bit rows);
-* elsewhere each input row is quantized to int8 on the fly and the product goes through
-  ``torch._int_mm`` (oneDNN's int8 GEMM, which has AVX2 kernels) — the bf16 kernel would run a
-  scalar loop ~20x slower than fp32 there. Input rounding hurts where a few channels carry
-  outliers: everything int8 costs +4.7%; keeping ``down_proj`` (its input, the SwiGLU product,
-  carries the worst outliers) and q/k/v in float +1.4%, the default. With calibration text,
-  :func:`smooth` first folds each input channel's outliers into the weights (SmoothQuant) and
-  then every projection goes int8 (``--int8 all``) at +1.3% (GPL-3) to +2.6% (Apache-2.0).
+The products run in torch's own weight-only kernels (``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu``), which ATen dispatches to AVX2, AVX-512 or NEON code by what
+the CPU reports; they read bf16 inputs but never compute a bf16 product, so unlike a bf16
+matmul they are fast on CPUs without native bf16 too. (An earlier path quantized the input
+rows to int8 as well and multiplied in oneDNN's int8 GEMM; on an AVX2-only EPYC its GEMV was
+several times slower than these kernels and lost more accuracy, so it is gone.)
 
-:func:`quantize_int4` needs native bf16: 4-bit weights in groups of 32 through torch's packed
-int4 kernel (GGUF's Q4_1 in another layout, so a Q4_1 model is re-held almost exactly).
 Both quantizers fuse q/k/v and gate/up first (``Transformer.fuse_projections``): decoding a
-token is a chain of small ops, and fewer calls is faster. The output head goes to int8 with
-int8 inputs (the fastest head kernel here; +0.3% perplexity against bf16 inputs).
-
-Embedding lookups stay in float (a gather reads one row, not the table); a tied output head
-gets its own int8 copy. Prefill (many rows) dequantizes int8 to the float GEMM.
+token is a chain of small ops, and fewer calls is faster. Embedding lookups stay in float (a
+gather reads one row, not the table); a tied output head gets its own int8 copy. Prefill (many
+rows) dequantizes int8 weights to the float GEMM, which is compute-bound there and faster.
 """
 
 from __future__ import annotations
@@ -42,133 +35,43 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.float()
 
 
-FLOAT_BY_DEFAULT = ("down_proj", "q_proj", "k_proj", "v_proj")
 INT8_MAX_ROWS = 32  # above this many rows (prefill), dequantize and use the float GEMM
+KERNEL_DTYPE = torch.bfloat16  # what the weight-only kernels read their inputs and scales in
 
 
 class Int8Linear(nn.Module):
-    """A frozen ``nn.Linear`` stored as int8 rows (one scale each).
+    """A frozen ``nn.Linear`` stored as int8 rows (one scale each), multiplied weight-only."""
 
-    ``activations`` says how a token's input meets those weights:
-    "int8" quantizes each input row to int8 too and multiplies int8 x int8 -> int32 in oneDNN
-    (fast on any x86 CPU, but the input's rounding costs accuracy where a few channels carry
-    outliers); "bf16" keeps the input in bf16 and multiplies by the int8 weights directly
-    (weight-only: only the weights' rounding is lost), which is fast only on CPUs with native
-    bf16 — elsewhere torch's kernel for it runs ~20x slower than fp32.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activations: str = "int8"):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        if activations not in ("int8", "bf16"):
-            raise ValueError(f"activations must be int8 or bf16, got {activations!r}")
         q, scale = quantize_rows(weight.detach().float())
-        self.register_buffer("qweight", q)  # (out, in); _int_mm reads its transpose as B
+        self.register_buffer("qweight", q)  # (out, in)
         self.register_buffer("scale", scale)
+        self.register_buffer("scale_k", scale.to(KERNEL_DTYPE))  # the kernel's copy
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.activations = activations
-        if activations == "bf16":
-            self.register_buffer("scale_bf16", scale.to(torch.bfloat16))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, activations: str = "int8") -> "Int8Linear":
-        return cls(linear.weight, linear.bias, activations)
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        return cls(linear.weight, linear.bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight this layer computes with."""
+        return self.qweight.float() * self.scale.unsqueeze(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] > INT8_MAX_ROWS:
-            # Prefill: many rows make the float GEMM compute-bound and far faster than this
-            # CPU's int8 path, so dequantize the weight once for the whole chunk.
-            y = linear(x2.float(), self.qweight.float() * self.scale.unsqueeze(1))
-        elif self.activations == "bf16":
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale_bf16)
+            # Prefill: many rows make the float GEMM compute-bound and far faster than the
+            # weight-only kernel, so dequantize the weight once for the whole chunk.
+            y = linear(x2.float(), self.dequantized())
         else:
-            x2 = x2.float()
-            xs = torch.linalg.vector_norm(x2, ord=float("inf"), dim=1, keepdim=True).clamp_(min=1e-12) / 127.0
-            xq = torch.round(x2 / xs).to(torch.int8)
-            y = torch._int_mm(xq, self.qweight.t()).float().mul_(xs).mul_(self.scale)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.qweight, self.scale_k)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
-
-
-# A few lines of mixed text for calibration when the caller gives none: the channels that
-# carry outliers are a property of the model, so a short, varied sample finds them.
-CALIBRATION_TEXT = """The committee met on Tuesday, 14 March, to review the budget: 3,250 euros for
-equipment, 1,100 for travel and the rest for printing. "We can't afford another delay," she said.
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-Q: What is the boiling point of water at sea level? A: 100 degrees Celsius (212 F).
-Le chat dort sur le canapé. Der Zug fährt um 8:45 Uhr ab. 東京は日本の首都です。
-SELECT name, COUNT(*) FROM orders WHERE total > 99.5 GROUP BY name ORDER BY 2 DESC;
-Once upon a time, in a village by the sea, there lived an old fisherman and his three daughters.
-"""
-
-
-@torch.no_grad()
-def input_absmax(model: nn.Module, ids: torch.Tensor) -> dict[nn.Linear, torch.Tensor]:
-    """The largest |input| per input channel each linear layer of the blocks sees on ``ids``."""
-    stats: dict[nn.Linear, torch.Tensor] = {}
-
-    def record(module, inputs, _output):
-        x = inputs[0].detach().float()
-        m = x.reshape(-1, x.shape[-1]).abs().amax(0)
-        stats[module] = torch.maximum(stats[module], m) if module in stats else m
-
-    hooks = [m.register_forward_hook(record) for m in model.blocks.modules() if isinstance(m, nn.Linear)]
-    try:
-        model.eval()(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return stats
-
-
-def _smoothing(act: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """SmoothQuant's per-channel factor: divide the input by s and multiply weight columns by s,
-    so an outlier channel's range is shared between activation and weight (alpha: how much)."""
-    w = torch.cat([w.detach().float() for w in weights]).abs().amax(0)
-    return (act.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
-
-
-@torch.no_grad()
-def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = 0.6) -> nn.Module:
-    """Move activation outliers into the weights without changing the float model's function.
-
-    Per-row int8 activations lose precision when a few channels are far larger than the rest;
-    here each such channel is divided by a factor before quantization and the factor is
-    folded into what produces it: the norm's weight for q/k/v and gate/up, and up_proj's rows
-    for down_proj (SwiGLU: down's input is silu(gate) * up, linear in up). The float model
-    computes the same function up to rounding; its int8 version loses much less.
-    """
-    stats = input_absmax(model, ids[:, :model.config.max_seq_len])
-    for block in model.blocks:
-        a, m = block.attn, block.mlp
-        if m.gate_up_proj is not None:  # fused (Transformer.fuse_projections): up is the lower half
-            mlp_in, up = [m.gate_up_proj], m.gate_up_proj
-        else:
-            mlp_in, up = [m.gate_proj, m.up_proj] if m.kind == "swiglu" else [m.up_proj], m.up_proj
-        groups = [(block.attn_norm, [a.qkv_proj] if a.qkv_proj is not None else [a.q_proj, a.k_proj, a.v_proj]),
-                  (block.mlp_norm, mlp_in)]
-        for norm, lins in groups:
-            if norm.weight is None:
-                continue
-            s = _smoothing(stats[lins[0]], [lin.weight for lin in lins], alpha)
-            norm.weight.div_(s.to(norm.weight.dtype))
-            if getattr(norm, "bias", None) is not None:
-                norm.bias.div_(s.to(norm.bias.dtype))
-            for lin in lins:
-                lin.weight.mul_(s.to(lin.weight.dtype))
-        if m.kind == "swiglu":
-            s = _smoothing(stats[m.down_proj], [m.down_proj.weight], alpha)
-            rows = slice(up.out_features - s.numel(), None)  # up's rows (all of them unless fused)
-            up.weight[rows].div_(s[:, None].to(up.weight.dtype))
-            if up.bias is not None:
-                up.bias[rows].div_(s.to(up.bias.dtype))
-            m.down_proj.weight.mul_(s.to(m.down_proj.weight.dtype))
-    return model
 
 
 def named_as(name: str, names: tuple[str, ...]) -> bool:
@@ -200,38 +103,13 @@ def replace_projections(model: nn.Module, make) -> None:
 
 
 @torch.no_grad()
-def quantize_int8(model: nn.Module, skip: tuple[str, ...] | None = None,
-                  calibration: torch.Tensor | None = None, alpha: float = 0.6,
-                  activations: str = "auto") -> nn.Module:
-    """Replace the linear layers of a zenlm Transformer (and its output head) in place.
-
-    ``activations`` (see :class:`Int8Linear`): "auto" is "bf16" (weight-only) where the CPU
-    has native bf16, else "int8". Weight-only int8 loses little, so every projection goes to
-    int8. With int8 activations, ``calibration`` token ids (B, T) first smooth outliers into
-    the weights (:func:`smooth`) and then every projection becomes int8; without, ``skip``
-    names projections kept in float (default: those whose inputs carry the worst outliers,
-    see the module docstring). q/k/v and gate/up are fused first (fewer products per token).
-    """
-    if activations == "auto":
-        from zenlm.hardware import native_bf16
-
-        activations = "bf16" if native_bf16(model.tok_emb.weight.device) else "int8"
-    if activations == "int8" and calibration is not None:
-        smooth(model, calibration, alpha)
-    if skip is None:
-        skip = FLOAT_BY_DEFAULT if activations == "int8" and calibration is None else ()
+def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Every projection of a zenlm Transformer's blocks (but those named in ``skip``) and its
+    output head to :class:`Int8Linear`, in place; q/k/v and gate/up are fused first."""
     model.fuse_projections()
-    replace_projections(model, lambda name, lin: None if named_as(name, skip)
-                        else Int8Linear.from_linear(lin, activations))
+    replace_projections(model, lambda name, lin: None if named_as(name, skip) else Int8Linear.from_linear(lin))
     model.lm_head = Int8Linear(model.head_weight(), None)
-    model.quantized = ("int8-weights" if activations == "bf16"
-                       else "int8" if calibration is None else "int8-smoothed")
     return model.eval()
-
-
-def calibration_ids(tokenizer, text: str = CALIBRATION_TEXT) -> torch.Tensor:
-    """Token ids (1, T) of ``text`` for :func:`quantize_int8`."""
-    return torch.tensor([tokenizer.encode_prompt(text)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,8 +120,8 @@ class Int4Linear(nn.Module):
     """A frozen ``nn.Linear`` as 4-bit weights in groups of ``group_size`` inputs, each group
     with its own scale and zero (asymmetric: w = (q - 8) * scale + zero, q in 0..15).
 
-    The product runs in torch's packed int4 CPU kernel with bf16 activations, which on CPUs
-    with native bf16 streams an eighth of fp32's bytes per token. It is GGUF's Q4_1 in another
+    The product runs in torch's packed int4 CPU kernel with bf16 inputs (weight-only, like
+    :class:`Int8Linear`), streaming an eighth of fp32's bytes per token. It is GGUF's Q4_1 in another
     layout: a model loaded from a Q4_1 file (groups of 32) is re-quantized almost exactly —
     only the scales' rounding to bf16 is lost.
     """
@@ -288,12 +166,9 @@ def quantize_int4(model: nn.Module, group_size: int = 32, head: str = "int8") ->
 
     Everything else (embeddings, norms, attention over the KV cache) stays in the model's float
     type: those are a few small ops per layer, and in bf16 they run slower on a CPU than in
-    fp32 (attention over 200 cached positions: ~86 against ~14 us), so only the big products
-    go through bf16. The head defaults to int8: it is a sixth of SmolLM2's weights but decides
-    every token, and GGUF files often store it at 8 bits (SmolLM2: Q8_0). Measured before the
-    fusion (SmolLM2, KL from fp32 over 200 tokens, decode tokens/s): int8 head 0.0036, 97.5;
-    bf16 head 0.0024, 85.8; int4 head 0.047, 100. CPU only; fast only where bf16 is native
-    (``zenlm.hardware.native_bf16``).
+    fp32, so only the big products read bf16. The head defaults to int8: it is a sixth of
+    SmolLM2's weights but decides every token, and GGUF files often store it at 8 bits
+    (SmolLM2: Q8_0); int4 there moves the next-token distribution several times more.
     """
     if head not in ("int8", "int4", "float"):
         raise ValueError(f"head must be int8, int4 or float, got {head!r}")
@@ -311,5 +186,4 @@ def quantize_int4(model: nn.Module, group_size: int = 32, head: str = "int8") ->
         model.lm_head = Int8Linear(weight, None)
     elif head == "int4" and fits(weight):
         model.lm_head = Int4Linear(weight, None, group_size)
-    model.quantized = f"int4-g{group_size}"
     return model.eval()
