@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import zenlm
-from zenlm.checkpoint import LoadedModel
 from zenlm.config import TransformerConfig
 from zenlm.errors import InteropError, UnsupportedArchitectureError
+from zenlm.interop.load import LoadedModel
 from zenlm.model import Transformer
 
 from helpers import quiet_transformers, run_cli

@@ -280,9 +280,8 @@ def tokenizer_from_gguf(reader):
 
 
 def load_gguf(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
-              max_seq_len: int | None = None, source: str | None = None):
-    """A ready model and tokenizer from a GGUF file."""
-    from zenlm.checkpoint import LoadedModel
+              max_seq_len: int | None = None):
+    """(eval-mode model, tokenizer) from a GGUF file."""
     from zenlm.interop.hf import build_model
     from zenlm.interop.registry import gguf_converter, hf_family
 
@@ -295,4 +294,4 @@ def load_gguf(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
     hf_config, hf_state = convert(reader)
     model = build_model(hf_family(hf_config), hf_config, hf_state, source=str(path), dtype=dtype,
                         device=device, max_seq_len=max_seq_len)
-    return LoadedModel(model, tokenizer, source or str(path))
+    return model, tokenizer
