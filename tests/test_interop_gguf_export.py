@@ -76,10 +76,10 @@ IDX = torch.randint(0, V, (2, 48), generator=torch.Generator().manual_seed(2))
 
 
 def _read_fields(path) -> dict:
-    from zenlm.interop.gguf import field, open_gguf
+    from gguf import GGUFReader  # llama.cpp's own reader: the export is read by a peer, not by zenlm
 
-    reader = open_gguf(path)
-    return {k: field(reader, k) for k in reader.fields if not k.startswith("GGUF.")}
+    reader = GGUFReader(str(path))
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
 # ----------------------------------------------------------------------------------------------

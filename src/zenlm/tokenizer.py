@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -328,13 +328,3 @@ class StreamDecoder:
         piece = text[self.emitted:]
         self.ids, self.emitted = [], 0
         return piece
-
-def iter_chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for t in texts:
-        batch.append(t)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

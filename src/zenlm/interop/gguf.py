@@ -37,15 +37,6 @@ def is_gguf_file(path: str | os.PathLike) -> bool:
         return f.read(4) == MAGIC
 
 
-def open_gguf(path: str | os.PathLike):
-    from gguf import GGUFReader
-
-    try:
-        return GGUFReader(str(path))
-    except Exception as exc:  # truncated file, bad magic, unknown version
-        raise InteropError(f"cannot read GGUF file {path}: {str(exc).splitlines()[0][:160]}") from None
-
-
 def field(reader, key: str, default: Any = _MISSING) -> Any:
     """A metadata value as Python data (str, int, float, bool or a list of them)."""
     f = reader.fields.get(key)
@@ -287,7 +278,7 @@ def load_gguf(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
 
     from zenlm.interop.gguf_reader import FastGGUF
 
-    reader = FastGGUF(path)  # the same fields and tensors as open_gguf's, ~30x faster to open
+    reader = FastGGUF(path)  # the same fields and tensors as gguf.GGUFReader's, ~30x faster to open
     arch = field(reader, "general.architecture")
     convert = gguf_converter(arch)  # refuses unknown architectures by name
     tokenizer = tokenizer_from_gguf(reader)

@@ -96,12 +96,3 @@ def gather_objects(world: World, obj):
     out = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_flag(world: World, flag: bool) -> bool:
-    """True on every rank if any rank raised the flag (e.g. a stop request)."""
-    if not world.distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=world.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
