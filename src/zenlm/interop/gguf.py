@@ -58,9 +58,9 @@ def fast_dequantize(data: np.ndarray, qtype: int) -> np.ndarray | None:
     """Q4_0, Q4_1 and Q8_0 (the types most GGUF files use) dequantized in a few whole-tensor
     torch ops, which run on every core; None for other types (gguf's numpy code takes them).
 
-    gguf.quants does the same arithmetic in groups of rows from a Python loop (~1 s for
-    SmolLM2's Q4_1 weights, a third of its load time). The operations and their order match
-    its code — float16 scales widened to float32, then one multiply and one add, each
+    gguf.quants does the same arithmetic in groups of rows from a Python loop on one core,
+    which made it a large share of a GGUF model's load time. The operations and their order
+    match its code — float16 scales widened to float32, then one multiply and one add, each
     rounded — so the values are bit-identical (tested against gguf on every tensor).
     """
     from gguf import GGMLQuantizationType as Q
@@ -278,7 +278,7 @@ def load_gguf(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
 
     from zenlm.interop.gguf_reader import FastGGUF
 
-    reader = FastGGUF(path)  # the same fields and tensors as gguf.GGUFReader's, ~30x faster to open
+    reader = FastGGUF(path)  # gguf.GGUFReader's fields and tensors without its per-field objects
     arch = field(reader, "general.architecture")
     convert = gguf_converter(arch)  # refuses unknown architectures by name
     tokenizer = tokenizer_from_gguf(reader)

@@ -128,7 +128,10 @@ def _dtype(dtype):
     import torch
 
     if dtype is None:
-        return torch.float32  # fp32 is the CPU default: this kind of CPU has no fast bf16
+        # fp32 on every machine: bf16 weights are slow where the CPU only emulates bf16, and
+        # where it is native, what runs the model switches to it itself (dtype "auto":
+        # zenlm.hardware.resolve_dtype) without the stored weights losing precision
+        return torch.float32
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise InteropError(f"unknown dtype {dtype!r} (e.g. float32, bfloat16, float16)")
