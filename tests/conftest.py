@@ -93,6 +93,6 @@ def trained_run(tmp_path_factory, prepared) -> Path:
 
 @pytest.fixture(scope="session")
 def loaded(trained_run):
-    from zenlm.checkpoint import load_run
+    from zenlm.interop.load import load_run
 
     return load_run(trained_run)

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, checksums, crash safety, and loading a run folder for inference."""
+"""Checkpoints: checksums, crash safety, and loading a run folder for inference."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from zenlm.checkpoint import (atomic_write_bytes, atomic_write_text, is_run_dir, latest_checkpoint,
-                              load_checkpoint, load_run, save_checkpoint, verify_checkpoint)
+from zenlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from zenlm.config import TransformerConfig, to_dict
 from zenlm.errors import CheckpointError
+from zenlm.interop.load import is_run_dir, load_run
 from zenlm.model import Transformer
 from zenlm.train.loop import pretrain
 
@@ -229,25 +229,6 @@ def test_incomplete_checkpoints(tmp_path):
     (ckpt / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="meta.json is missing"):
         verify_checkpoint(ckpt)
-
-
-# ----------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
-    target = tmp_path / "sub" / "file.txt"
-    atomic_write_text(target, "old contents")
-    assert target.read_text() == "old contents"
-
-    def broken_fsync(fd):
-        raise OSError("disk gone")
-
-    monkeypatch.setattr(os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="disk gone"):
-        atomic_write_bytes(target, b"new contents that never land")
-    assert target.read_text() == "old contents"
-    assert [p.name for p in target.parent.iterdir()] == ["file.txt"]  # no temp file left
 
 
 # ----------------------------------------------------------------------------------------------

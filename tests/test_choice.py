@@ -101,8 +101,9 @@ def test_prompt_classify_scores_label_words(loaded):
     res, acc_norm = prompt_classify(model, tok, texts, [0, 1, 0, 1], ["a", "b"], ["import", "return"])
     items = classify_prompts(tok, texts, ["import", "return"], gold=[0, 1, 0, 1])
     scores = score_items(model, items)
-    assert res.n == 4 and res.accuracy == pick(items, scores).accuracy
-    assert sum(map(sum, res.confusion)) == 4 and 0.0 <= acc_norm <= 1.0
+    want = pick(items, scores)
+    assert res.n == 4 and res.accuracy == want.accuracy and acc_norm == want.accuracy_norm
+    assert sum(map(sum, res.confusion)) == 4
 
 
 def test_calibration_divides_out_the_prior_of_content_free_texts(loaded):

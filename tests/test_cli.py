@@ -47,7 +47,7 @@ def cli_run(tmp_path_factory, corpus_file):
 
 
 def test_end_to_end_prepare_pretrain_generate_eval(cli_run, corpus_text):
-    from zenlm.checkpoint import load_run
+    from zenlm.interop.load import load_run
     from zenlm.eval.perplexity import evaluate_text
     from zenlm.infer import generate
 

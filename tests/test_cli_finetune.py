@@ -90,6 +90,14 @@ def test_eval_compares_fine_tuned_zero_shot_and_few_shot(cli_classifier):
     summary = json.loads((run / "summary.json").read_text())
     assert tuned["mode"] == "fine-tuned head" and tuned["n"] == 60
     assert tuned["accuracy"] == pytest.approx(summary["val"]["val_accuracy"])
+    import zenlm
+    from zenlm.eval.choice import prompt_classify
+
+    rows = toy_rows(60, seed=2)  # what val.tsv holds
+    labels, words = ["cls", "imp", "ret"], ["class", "import", "return"]
+    base = zenlm.load(str(cli_classifier["base"]))
+    zero_shot, zero_shot_norm = prompt_classify(base.model, base.tokenizer, [t for t, _ in rows],
+                                                [labels.index(y) for _, y in rows], labels, words)
     for shots in (0, 3):
         p = run_cli("eval", "--model", cli_classifier["base"], *common, "--labels",
                     "cls=class,imp=import,ret=return", "--shots", shots, "--train", train,
@@ -97,8 +105,14 @@ def test_eval_compares_fine_tuned_zero_shot_and_few_shot(cli_classifier):
         assert p.returncode == 0, p.stderr
         res = json.loads(p.stdout)
         assert res["mode"] == f"{shots}-shot base prompt" and res["n"] == 60
-        assert 0.0 <= res["accuracy"] <= 1.0 and "accuracy_norm" in res
-        assert (cli_classifier["root"] / f"cm{shots}.png").is_file()
+        confusion = res["confusion"]
+        assert sum(map(sum, confusion)) == 60
+        assert res["accuracy"] == pytest.approx(sum(confusion[i][i] for i in range(3)) / 60)
+        if shots == 0:  # the command is the library call, nothing more
+            assert res["accuracy"] == pytest.approx(zero_shot.accuracy)
+            assert res["accuracy_norm"] == pytest.approx(zero_shot_norm)
+            assert confusion == zero_shot.confusion
+        assert (cli_classifier["root"] / f"cm{shots}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_export_writes_the_fine_tuned_classifier_merged_for_transformers(cli_classifier):

@@ -131,7 +131,7 @@ def test_a_finished_run_loads_and_reproduces_its_val_accuracy(lora_run):
     res = score(gold, probs.argmax(-1).tolist(), lm.model.labels)
     assert res.accuracy == pytest.approx(summary["val"]["val_accuracy"])
     with pytest.raises(CheckpointError, match="fine-tuned run"):
-        from zenlm.checkpoint import load_run
+        from zenlm.interop.load import load_run
 
         load_run(run)
 

@@ -8,6 +8,7 @@ import torch
 from zenlm.config import TransformerConfig
 from zenlm.errors import ConfigError, PromptTooLongError
 from zenlm.infer import SamplingConfig, generate, stream
+from zenlm.infer.generate import token_steps
 from zenlm.infer.sampling import apply_repetition_penalty, filter_top_k_top_p
 from zenlm.model import Transformer
 
@@ -195,15 +196,20 @@ def test_stream_pieces_join_to_generate(loaded, random_model, tokenizer, which):
 
 def test_streaming_holds_back_partial_characters(random_model, tokenizer):
     # sampling at a high temperature from a random model emits lone bytes of multi-byte
-    # characters; streamed pieces must never show a replacement character that the final text
-    # does not hold at that place
+    # characters; streamed pieces must never show a replacement character that the whole
+    # completion, decoded at once from the same tokens, does not hold at that place
+    prompt = [tokenizer.eot_id] + tokenizer.encode("世界")
+    split_chars = 0
     for seed in range(5):
-        pieces = list(stream(random_model, tokenizer, "世界", temperature=2.0, seed=seed, max_new_tokens=50))
-        text = "".join(pieces)
-        pos = 0
-        for p in pieces:
-            assert text[pos:pos + len(p)] == p
-            pos += len(p)
+        cfg = SamplingConfig(temperature=2.0, seed=seed, max_new_tokens=50)
+        new = [int(t[0]) for t in token_steps(random_model, [prompt], cfg)]
+        new = new[:new.index(tokenizer.eot_id)] if tokenizer.eot_id in new else new
+        want = tokenizer.decode(new)  # the reference: no streaming at all
+        split_chars += sum("\ufffd" in tokenizer.decode([t]) for t in new)
+        pieces = list(stream(random_model, tokenizer, prompt, cfg))
+        assert "".join(pieces) == want, seed
+        assert all(pieces)
+    assert split_chars > 0  # the case under test happened: some token was part of a character
 
 
 def test_prompt_longer_than_the_context(random_model, tokenizer):
@@ -213,8 +219,13 @@ def test_prompt_longer_than_the_context(random_model, tokenizer):
         generate(random_model, tokenizer, long_prompt, max_new_tokens=5)
     with pytest.raises(PromptTooLongError):
         generate(random_model, tokenizer, list(range(64)), max_new_tokens=5)
-    # one free position is enough for one token
-    assert len(list(stream(random_model, tokenizer, list(range(63)), temperature=0, max_new_tokens=5))) <= 1
+    # one free position is enough for one token, the model's argmax there
+    ids = list(range(63))
+    steps = list(token_steps(random_model, [ids], SamplingConfig(temperature=0, max_new_tokens=5)))
+    with torch.no_grad():
+        best = int(random_model(torch.tensor([ids]))[0, -1].argmax())
+    assert [int(t[0]) for t in steps] == [best] and best != tokenizer.eot_id
+    assert generate(random_model, tokenizer, ids, temperature=0, max_new_tokens=5) == tokenizer.decode([best])
 
 
 def test_max_new_tokens_zero_and_bad_sampling_configs(random_model, tokenizer):
@@ -225,16 +236,27 @@ def test_max_new_tokens_zero_and_bad_sampling_configs(random_model, tokenizer):
             SamplingConfig(**kw)
 
 
-def test_eot_ends_generation(loaded):
-    model, tok = loaded.model, loaded.tokenizer
-    # find a prompt after which the trained model predicts the end of a document greedily
-    ids = [tok.eot_id] + tok.encode("x = 1\n")
-    text_with_eot = generate(model, tok, ids, temperature=0, max_new_tokens=40, stop_at_eot=False)
-    text = generate(model, tok, ids, temperature=0, max_new_tokens=40)
-    if "<|endoftext|>" in text_with_eot:
-        assert text == text_with_eot[:text_with_eot.index("<|endoftext|>")]
-    else:
-        assert text == text_with_eot
+def test_eot_ends_generation(random_model, tokenizer):
+    import copy
+
+    from zenlm.tokenizer import EOT
+
+    tok = tokenizer
+    free = generate(random_model, tok, "def ", temperature=0, max_new_tokens=40, stop_at_eot=False)
+    assert EOT not in free
+    # a model that ends documents: its EOT row copies (and outbids) the row of the greedy
+    # token at step 6, so greedy decoding meets the EOT by then, with text before and after it
+    model = copy.deepcopy(random_model)
+    ids = [tok.eot_id] + tok.encode("def ")
+    greedy = [int(t[0]) for t in token_steps(random_model, [ids], SamplingConfig(temperature=0, max_new_tokens=6))]
+    with torch.no_grad():
+        model.lm_head.weight[tok.eot_id] = 1.5 * random_model.lm_head.weight[greedy[-1]]
+    text_with_eot = generate(model, tok, "def ", temperature=0, max_new_tokens=40, stop_at_eot=False)
+    text = generate(model, tok, "def ", temperature=0, max_new_tokens=40)
+    assert EOT in text_with_eot and text_with_eot.index(EOT) > 0
+    assert text == text_with_eot[:text_with_eot.index(EOT)]
+    assert text == tok.decode(hand_decode(model, tok, "def ", 40, argmax))  # the naive path stops there too
+    assert "".join(stream(model, tok, "def ", temperature=0, max_new_tokens=40)) == text
 
 
 def test_top_level_api(loaded, trained_run):

@@ -330,10 +330,11 @@ SMOLLM2_TEXTS = [
 @pytest.fixture(scope="module")
 def smollm2_reference():
     pytest.importorskip("regex")
-    from zenlm.interop.gguf import CONTROL, field, open_gguf
+    from zenlm.interop.gguf import CONTROL, field
+    from zenlm.interop.gguf_reader import FastGGUF
     from zenlm.interop.load import smollm2_path
 
-    reader = open_gguf(smollm2_path())
+    reader = FastGGUF(smollm2_path())  # what load_gguf reads (test_gguf_reader holds it to gguf's)
     tokens = field(reader, "tokenizer.ggml.tokens")
     types = field(reader, "tokenizer.ggml.token_type")
     return ReferenceBPE(tokens, field(reader, "tokenizer.ggml.merges"),

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import zenlm
-from zenlm.checkpoint import LoadedModel
 from zenlm.config import TransformerConfig
 from zenlm.errors import InteropError, UnsupportedArchitectureError
+from zenlm.interop.load import LoadedModel
 from zenlm.model import Transformer
 
 from helpers import quiet_transformers, run_cli
@@ -76,10 +76,10 @@ IDX = torch.randint(0, V, (2, 48), generator=torch.Generator().manual_seed(2))
 
 
 def _read_fields(path) -> dict:
-    from zenlm.interop.gguf import field, open_gguf
+    from gguf import GGUFReader  # llama.cpp's own reader: the export is read by a peer, not by zenlm
 
-    reader = open_gguf(path)
-    return {k: field(reader, k) for k in reader.fields if not k.startswith("GGUF.")}
+    reader = GGUFReader(str(path))
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
 # ----------------------------------------------------------------------------------------------

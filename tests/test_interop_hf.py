@@ -334,7 +334,7 @@ def test_trained_run_exports_to_transformers(loaded, tmp_path):
 def test_gpt2_preset_exports_untied(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from zenlm.checkpoint import LoadedModel
+    from zenlm.interop.load import LoadedModel
     from zenlm.config import TransformerConfig
     from zenlm.model import Transformer
 
@@ -351,7 +351,7 @@ def test_gpt2_preset_exports_untied(tmp_path):
 
 
 def test_export_refuses_a_model_no_hf_family_fits(tmp_path):
-    from zenlm.checkpoint import LoadedModel
+    from zenlm.interop.load import LoadedModel
     from zenlm.config import TransformerConfig
     from zenlm.model import Transformer
 

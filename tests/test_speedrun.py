@@ -4,19 +4,43 @@ from __future__ import annotations
 
 import json
 
-from zenlm.speedrun import SpeedrunConfig, looks_like_data, speedrun, stdlib_sources
+import yaml
+
+from zenlm.infer import generate
+from zenlm.interop.load import load_run
+from zenlm.speedrun import CODE_PROMPTS, SAMPLING, SpeedrunConfig, looks_like_data, speedrun, stdlib_sources
 
 
 def test_speedrun_writes_a_complete_report(tmp_path, corpus_file):
-    run = speedrun(SpeedrunConfig(corpus=str(corpus_file), name="sr", runs_dir=str(tmp_path),
-                                  minutes=0.05, vocab_size=400, batch_size=4), log=lambda *a, **k: None)
+    """Every figure in the report is the run's own, checked against what is on disk: the final
+    checkpoint's parameters, steps x batch x length tokens, the shards' manifest, and the
+    completions the final model gives the code prompts with the report's sampling settings."""
+    cfg = SpeedrunConfig(corpus=str(corpus_file), name="sr", runs_dir=str(tmp_path), minutes=0.05,
+                         vocab_size=400, batch_size=4)
+    run = speedrun(cfg, log=lambda *a, **k: None)
     report = (run / "report.md").read_text()
     summary = json.loads((run / "summary.json").read_text())
-    for needed in ("parameters:", "tokens seen:", "tokens/s", "bits-per-byte", "loss.png", "## Samples"):
-        assert needed in report, needed
-    assert f"{summary['tokens']:,}" in report and summary["step"] > 0
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    train = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    loaded = load_run(run)
+    assert summary["step"] > 0 and loaded.step == summary["step"]  # the report's model is the last one
+    seq_len = train["seq_len"] or loaded.model.config.max_seq_len
+    assert summary["tokens"] == summary["step"] * cfg.batch_size * seq_len
+    params = sum(p.numel() for p in loaded.model.parameters())
+    assert f"- parameters: {params:,} (" in report
+    assert f"- steps: {summary['step']:,}; tokens seen: {summary['tokens']:,}" in report
+    assert f"{manifest['train_tokens']:,} train / {manifest['val_tokens']:,} val" in report
+    # train_seconds is rounded to a tenth: the rate must be tokens over the unrounded time
+    assert abs(summary["tokens"] / summary["tok_per_s"] - summary["train_seconds"]) <= 0.05 + 1e-9
+    assert f"throughput: {summary['tok_per_s']:,.0f} tokens/s" in report
+    bpb = summary["val"]["val_bpb"]
+    assert 0 < bpb < 8 and f"**bits-per-byte {bpb:.4f}**" in report  # a number, not nan
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert report.count("```python") == 4  # one sample per code prompt
+    assert report.count("```python") == len(CODE_PROMPTS)
+    for prompt in CODE_PROMPTS:
+        completion = generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=96, seed=cfg.seed,
+                              **SAMPLING)
+        assert f"```python\n{prompt}{completion}\n```" in report, prompt
 
 
 def test_default_corpus_is_code_not_data_tables():

@@ -1,7 +1,7 @@
 """What the machine can do fast, so that ``auto`` settings pick the fast path only where it is.
 
-Machines of one kind are not one CPU: an AVX2-only core emulates bf16 (a bf16 matmul ~100x
-slower than fp32), while one with AVX512-BF16 or AMX runs it several times faster than fp32.
+Machines of one kind are not one CPU: an AVX2-only core emulates bf16 (every product converts
+in software, far slower than fp32), while one with AVX512-BF16 or AMX runs it faster than fp32.
 Choosing by the flags in ``/proc/cpuinfo`` (and oneDNN's own check) costs nothing at start-up
 and cannot be fooled by a busy machine the way a timing probe can. Every fast path asks here,
 through :func:`cpu_flags` and :func:`onednn_bf16`, so tests take both branches on any machine

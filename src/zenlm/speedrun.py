@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from zenlm.checkpoint import atomic_write_text
+from zenlm.io import atomic_write_text
 
 CODE_PROMPTS = [
     "def fibonacci(n):\n",
@@ -118,7 +118,7 @@ def speedrun(cfg: SpeedrunConfig, log=print) -> Path:
     summary = pretrain(resolve(raw), log=log)
 
     log("[3/4] sampling completions of code prompts")
-    from zenlm.checkpoint import load_run
+    from zenlm.interop.load import load_run
     from zenlm.infer import generate
 
     loaded = load_run(run)

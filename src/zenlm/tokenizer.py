@@ -14,14 +14,14 @@ they use in ``tokenizer_config.json`` (or GGUF metadata), read by :meth:`Tokeniz
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from zenlm.errors import TokenizerError
+from zenlm.io import atomic_write_json, atomic_write_text, sha256_bytes
 
 EOT = "<|endoftext|>"
 SAME_AS_EOT = "<same as eot>"  # Tokenizer(bos=...) default: zenlm documents start after the EOT
@@ -166,10 +166,6 @@ class Tokenizer:
     def save_hf_folder(self, folder: str | os.PathLike) -> list[Path]:
         """``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json`` that
         ``transformers.AutoTokenizer.from_pretrained`` reads with the same special tokens."""
-        import json
-
-        from zenlm.checkpoint import atomic_write_text
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
@@ -184,9 +180,8 @@ class Tokenizer:
         paths = [folder / "tokenizer.json", folder / "tokenizer_config.json",
                  folder / "special_tokens_map.json"]
         atomic_write_text(paths[0], self._json_for_transformers())
-        atomic_write_text(paths[1], json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        atomic_write_text(paths[2], json.dumps({k: v for k, v in specials.items() if v}, indent=2,
-                                               ensure_ascii=False) + "\n")
+        atomic_write_json(paths[1], config)
+        atomic_write_json(paths[2], {k: v for k, v in specials.items() if v})
         return paths
 
     def _json_for_transformers(self) -> str:
@@ -209,8 +204,6 @@ class Tokenizer:
         return json.dumps(data, ensure_ascii=False)
 
     def save(self, path: str | os.PathLike) -> Path:
-        from zenlm.checkpoint import atomic_write_text
-
         p = Path(path)
         if p.is_dir():
             p = p / "tokenizer.json"
@@ -257,7 +250,7 @@ class Tokenizer:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
+        return sha256_bytes(self.to_json().encode())
 
     def token_byte_lengths(self) -> np.ndarray:
         """Bytes each token stands for (0 for special tokens): the denominator of bits-per-byte."""
@@ -335,14 +328,3 @@ class StreamDecoder:
         piece = text[self.emitted:]
         self.ids, self.emitted = [], 0
         return piece
-
-
-def iter_chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for t in texts:
-        batch.append(t)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -11,8 +11,8 @@ their name (for corpora of many files or records). ``auto`` picks docs when ther
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import time
 from collections.abc import Iterator
 import dataclasses
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from zenlm.checkpoint import atomic_write_text, sha256_file
 from zenlm.data.sources import Source, doc_in_val, find_sources, iter_jsonl, iter_texts, read_text_pieces
 from zenlm.errors import DataError
+from zenlm.io import atomic_output, atomic_write_json, sha256_file
 from zenlm.tokenizer import Tokenizer
 
 ENCODE_CHUNK_CHARS = 1 << 16
@@ -152,10 +152,10 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
 
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     counts = {"train": [0, 0], "val": [0, 0]}  # tokens, bytes
-    tmp = {k: out / f".{k}.bin.tmp" for k in counts}
-    files = {k: open(p, "wb") for k, p in tmp.items()}
-    ok = False
-    try:
+    # an error, or a split left empty, leaves the old shards as they were and no temporary file
+    with contextlib.ExitStack() as stack:
+        tmp = {k: stack.enter_context(atomic_output(out / f"{k}.bin")) for k in counts}
+        files = {k: stack.enter_context(open(p, "wb")) for k, p in tmp.items()}
         for src in sources:
             for text, to_val, starts_doc in _segments(src, cfg, mode):
                 side = "val" if to_val else "train"
@@ -165,22 +165,11 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
                 files[side].write(np.asarray(ids, dtype=dtype).tobytes())
                 counts[side][0] += len(ids)
                 counts[side][1] += len(text.encode("utf-8"))
-        ok = True
-    finally:
-        for f in files.values():
-            f.close()
-        if not ok:  # leave no half-written shards behind
-            for p in tmp.values():
-                p.unlink(missing_ok=True)
-    for side, (n_tok, _) in counts.items():
-        if n_tok < 2:
-            for p in tmp.values():
-                p.unlink(missing_ok=True)
-            hint = {"docs": " (try --val-split tail)", "tail": " (the corpus is too small to split)"}[mode]
-            hint = hint if side == "val" else ""
-            raise DataError(f"the {side} split of the corpus is empty{hint}")
-    for side, p in tmp.items():
-        os.replace(p, out / f"{side}.bin")
+        for side, (n_tok, _) in counts.items():
+            if n_tok < 2:
+                hint = {"docs": " (try --val-split tail)", "tail": " (the corpus is too small to split)"}[mode]
+                hint = hint if side == "val" else ""
+                raise DataError(f"the {side} split of the corpus is empty{hint}")
 
     manifest = {
         "format": "zenlm-shards/1",
@@ -195,7 +184,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         "sources": [{"path": str(s.path), "bytes": s.size, "sha256": sha256_file(s.path)} for s in sources],
         "seconds": round(time.time() - t0, 2),
     }
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    atomic_write_json(out / "manifest.json", manifest)
     log(f"wrote {counts['train'][0]:,} train and {counts['val'][0]:,} val tokens to {out} "
         f"({manifest['seconds']}s, split={mode})")
     return manifest

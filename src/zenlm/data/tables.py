@@ -114,7 +114,7 @@ def write_table(path: str | Path, columns: list[str], rows: list[dict[str, Any]]
         sys.stdout.write(format_table(columns, rows, fmt or "jsonl"))
         sys.stdout.flush()
         return
-    from zenlm.checkpoint import atomic_write_text
+    from zenlm.io import atomic_write_text
 
     atomic_write_text(path, format_table(columns, rows, table_format(path, fmt)))
 

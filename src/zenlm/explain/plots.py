@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from zenlm.io import atomic_output
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -52,15 +52,11 @@ def _save(fig, png_path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{png_path.name}.", suffix=".png", dir=png_path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, png_path)
+        with atomic_output(png_path) as tmp:
+            fig.savefig(tmp, format="png")  # the temporary name's suffix says nothing of the format
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return png_path
 
 

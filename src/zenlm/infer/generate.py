@@ -88,16 +88,16 @@ def compile_decoding(model, **compile_kwargs) -> None:
     Only the one-token step is compiled (prefill stays eager: it runs once and is GEMM-bound).
     Shapes are dynamic because the cache grows a position per step, so the step compiles
     once or twice (the first call and the first change of length), not once per token.
-    Measured on SmolLM2-135M, 2 CPU threads: compiling takes 50-110 s and decoding is no faster
-    (fp32 batch 1: 23-26 against 26 tokens/s eager; batch 8: 53-79 against 143, inductor's
-    dynamic-shape kernels losing to oneDNN's), so it stays off by default; it is here for
-    accelerators, where removing per-token Python matters more.
+    On a small CPU compiling takes far longer than a reply and decoding is no faster
+    (inductor's dynamic-shape kernels lose to oneDNN's products, and batches lose most), so it
+    stays off by default; it is here for accelerators, where removing per-token Python matters
+    more.
     """
     compile_kwargs.setdefault("dynamic", True)
     model.decode_forward = torch.compile(model.forward, **compile_kwargs)
 
 
-@torch.inference_mode()  # not only no_grad: fewer dispatch steps per op (~+6% decoding)
+@torch.inference_mode()  # not only no_grad: no version counters or views tracked, fewer steps per op
 def token_steps(model, rows: list[list[int]], cfg: SamplingConfig) -> Iterator[torch.Tensor]:
     """Next-token ids (B,) at every step, for prompts of any lengths (left-padded together).
 

@@ -37,15 +37,6 @@ def is_gguf_file(path: str | os.PathLike) -> bool:
         return f.read(4) == MAGIC
 
 
-def open_gguf(path: str | os.PathLike):
-    from gguf import GGUFReader
-
-    try:
-        return GGUFReader(str(path))
-    except Exception as exc:  # truncated file, bad magic, unknown version
-        raise InteropError(f"cannot read GGUF file {path}: {str(exc).splitlines()[0][:160]}") from None
-
-
 def field(reader, key: str, default: Any = _MISSING) -> Any:
     """A metadata value as Python data (str, int, float, bool or a list of them)."""
     f = reader.fields.get(key)
@@ -67,9 +58,9 @@ def fast_dequantize(data: np.ndarray, qtype: int) -> np.ndarray | None:
     """Q4_0, Q4_1 and Q8_0 (the types most GGUF files use) dequantized in a few whole-tensor
     torch ops, which run on every core; None for other types (gguf's numpy code takes them).
 
-    gguf.quants does the same arithmetic in groups of rows from a Python loop (~1 s for
-    SmolLM2's Q4_1 weights, a third of its load time). The operations and their order match
-    its code — float16 scales widened to float32, then one multiply and one add, each
+    gguf.quants does the same arithmetic in groups of rows from a Python loop on one core,
+    which made it a large share of a GGUF model's load time. The operations and their order
+    match its code — float16 scales widened to float32, then one multiply and one add, each
     rounded — so the values are bit-identical (tested against gguf on every tensor).
     """
     from gguf import GGMLQuantizationType as Q
@@ -280,19 +271,18 @@ def tokenizer_from_gguf(reader):
 
 
 def load_gguf(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
-              max_seq_len: int | None = None, source: str | None = None):
-    """A ready model and tokenizer from a GGUF file."""
-    from zenlm.checkpoint import LoadedModel
+              max_seq_len: int | None = None):
+    """(eval-mode model, tokenizer) from a GGUF file."""
     from zenlm.interop.hf import build_model
     from zenlm.interop.registry import gguf_converter, hf_family
 
     from zenlm.interop.gguf_reader import FastGGUF
 
-    reader = FastGGUF(path)  # the same fields and tensors as open_gguf's, ~30x faster to open
+    reader = FastGGUF(path)  # gguf.GGUFReader's fields and tensors without its per-field objects
     arch = field(reader, "general.architecture")
     convert = gguf_converter(arch)  # refuses unknown architectures by name
     tokenizer = tokenizer_from_gguf(reader)
     hf_config, hf_state = convert(reader)
     model = build_model(hf_family(hf_config), hf_config, hf_state, source=str(path), dtype=dtype,
                         device=device, max_seq_len=max_seq_len)
-    return LoadedModel(model, tokenizer, source or str(path))
+    return model, tokenizer

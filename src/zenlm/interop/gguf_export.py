@@ -276,7 +276,7 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, *, dtype: str = "f32"
     """
     import gguf
 
-    from zenlm.checkpoint import atomic_output
+    from zenlm.io import atomic_output
 
     if tokenizer is None:
         raise InteropError("GGUF export needs the model's tokenizer: a GGUF file carries its "

@@ -1,8 +1,9 @@
 """A fast, read-only GGUF parser: metadata with ``struct``, tensors as views of one memory map.
 
-``gguf.GGUFReader`` builds a numpy object for every part of every field, which takes ~3 s on
-SmolLM2's 49k-token vocabulary — most of zenlm's cold start. This parser reads the same header
-in a single pass (~0.1 s) and hands out tensors as zero-copy ``uint8`` views of the mapped file,
+``gguf.GGUFReader`` builds a numpy object for every part of every field, so a vocabulary of tens
+of thousands of tokens makes opening a file most of zenlm's cold start. This parser reads the
+same header in a single pass into plain Python values and hands out tensors as zero-copy
+``uint8`` views of the mapped file,
 shaped (rows, bytes per row), the input ``gguf.quants.dequantize`` takes. It offers the small
 surface the converters use: ``fields[key].contents()`` and ``tensors`` with ``name``,
 ``shape`` (GGML order), ``tensor_type`` and ``data``.

@@ -128,7 +128,10 @@ def _dtype(dtype):
     import torch
 
     if dtype is None:
-        return torch.float32  # fp32 is the CPU default: this kind of CPU has no fast bf16
+        # fp32 on every machine: bf16 weights are slow where the CPU only emulates bf16, and
+        # where it is native, what runs the model switches to it itself (dtype "auto":
+        # zenlm.hardware.resolve_dtype) without the stored weights losing precision
+        return torch.float32
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise InteropError(f"unknown dtype {dtype!r} (e.g. float32, bfloat16, float16)")
@@ -137,9 +140,8 @@ def _dtype(dtype):
 
 
 def load_hf_folder(folder: str | os.PathLike, *, device: str = "cpu", dtype=None,
-                   max_seq_len: int | None = None, source: str | None = None):
-    """A ready model and tokenizer from a Hugging Face folder (or hub snapshot)."""
-    from zenlm.checkpoint import LoadedModel
+                   max_seq_len: int | None = None):
+    """(eval-mode model, tokenizer or None) from a Hugging Face folder (or hub snapshot)."""
     from zenlm.interop.registry import hf_family
     from zenlm.tokenizer import Tokenizer
 
@@ -151,7 +153,7 @@ def load_hf_folder(folder: str | os.PathLike, *, device: str = "cpu", dtype=None
                         max_seq_len=max_seq_len)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
     tokenizer = Tokenizer.from_hf_folder(folder) if has_tokenizer else None
-    return LoadedModel(model, tokenizer, source or str(folder))
+    return model, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,8 +214,8 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None) -> Pa
     """
     from safetensors.torch import save_file
 
-    from zenlm.checkpoint import atomic_output, atomic_write_text
     from zenlm.interop.registry import hf_family_for
+    from zenlm.io import atomic_output, atomic_write_json
 
     from zenlm.model.lora import merged_state_dict
 
@@ -240,9 +242,9 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None) -> Pa
     with atomic_output(out / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     (out / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win
-    atomic_write_text(out / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    atomic_write_json(out / "config.json", hf_config)
     generation = {**specials, "_from_model_config": True}
-    atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    atomic_write_json(out / "generation_config.json", generation)
     if tokenizer is not None:
         tokenizer.save_hf_folder(out)
     return out

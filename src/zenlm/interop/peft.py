@@ -11,7 +11,6 @@ travels as a module PEFT saves whole (``modules_to_save``: ``score``), as PEFT d
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def save_adapter(model, out_dir: str | os.PathLike, *, base: str | None = None, 
     """Write the adapters of ``model`` (and its classification head) as a PEFT adapter folder."""
     from safetensors.torch import save
 
-    from zenlm.checkpoint import atomic_write_bytes, atomic_write_text
+    from zenlm.io import atomic_write_bytes, atomic_write_json
 
     fields, tensors = adapter_tensors(model)
     config = {
@@ -72,7 +71,7 @@ def save_adapter(model, out_dir: str | os.PathLike, *, base: str | None = None, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
-    atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_json(out / "adapter_config.json", config)
     return out
 
 

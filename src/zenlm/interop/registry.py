@@ -107,9 +107,3 @@ def gguf_converter(architecture: str):
         raise UnsupportedArchitectureError(
             f"GGUF architecture {architecture!r} is not supported; zenlm reads {', '.join(sorted(_GGUF))}")
     return _GGUF[architecture]
-
-
-def supported() -> dict[str, list[str]]:
-    """What zenlm reads, by source (for messages and docs)."""
-    _ensure_builtin()
-    return {"hf": sorted(_HF), "gguf": sorted(_GGUF)}

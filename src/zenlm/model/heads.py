@@ -15,15 +15,12 @@ logits. How to pool is a switch, because it depends on who can see what:
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
 from zenlm.errors import ConfigError
 from zenlm.model.linear import Linear
 
-Pooling = Literal["auto", "last", "first", "mean"]
 POOLINGS = ("auto", "last", "first", "mean")
 
 

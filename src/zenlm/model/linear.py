@@ -1,11 +1,10 @@
 """The model's one matrix product, with the CPU GEMM library chosen by what this machine runs fast.
 
-PyTorch's CPU ``F.linear`` in fp32 goes to MKL's sgemm. On AMD CPUs MKL dispatches to its AVX2
-code, which on a Zen 5 core with 512-bit FMA units leaves half the machine idle: on this
-project's 2-core EPYC, MKL reaches ~200 GFLOP/s where oneDNN — also shipped inside every x86
-PyTorch wheel, and what ``torch.compile`` uses for CPU linears — reaches ~460 (training shapes),
-and a large fp32 GEMV (the output head while decoding) reads its weight 2.4x faster. Both are
-IEEE fp32 with fp32 accumulation; only the kernels differ.
+PyTorch's CPU ``F.linear`` in fp32 goes to MKL's sgemm. On AMD CPUs MKL dispatches to a generic
+AVX2 path that leaves much of the core idle, while oneDNN — also shipped inside every x86
+PyTorch wheel, and what ``torch.compile`` uses for CPU linears — runs code tuned for the core
+it finds, on training shapes and on the large fp32 GEMV of the output head while decoding (the
+rates are in the README). Both are IEEE fp32 with fp32 accumulation; only the kernels differ.
 
 So :func:`linear` sends fp32 CPU products to oneDNN where a one-off timing at first use shows it
 clearly faster (set ``ZENLM_MATMUL=onednn|aten`` to decide instead), and everything else — bf16
@@ -49,10 +48,11 @@ def cpu_backend(refresh: bool = False) -> str:
     """``onednn`` or ``aten``: which library runs fp32 CPU products in this process (decided
     once; ``refresh`` decides again, e.g. after changing ``ZENLM_MATMUL``).
 
-    ``auto`` times one mid-sized product (512x1024 by 1024x2048, ~2 GFLOP) three times with
-    each library, alternating, ~40 ms once per process, and takes oneDNN only when its best time
-    beats MKL's by 20%: a busy machine can blur a small difference but not a 2x one, and the two
-    are interchangeable in results, so a wrong call costs speed only.
+    ``auto`` times one mid-sized product three times with each library, alternating (large
+    enough to be GEMM-bound, small enough to cost a moment once per process), and takes oneDNN
+    only when its best time is under four fifths of MKL's: a busy machine can blur a small
+    difference but not the gap the choice is for, and the two are interchangeable in results,
+    so a wrong call costs speed only.
     """
     global _resolved
     if _resolved is None or refresh:

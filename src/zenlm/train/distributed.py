@@ -60,9 +60,9 @@ def _store_barrier(world: World, poll_s: float = 0.005, timeout_s: float = 300.0
     A gloo barrier returns on one rank as soon as that rank has heard from the others, which
     can be before the others have heard from it; if it then destroys the group and exits, the
     rank still inside the barrier can lose its socket and abort ("terminate called without an
-    active exception" after a finished run: rare, seen twice in ~100 runs of the 2-process
-    tests). After this wait every rank has left every gloo collective. The
-    counter only grows, so calling this again in the same job (a second run) waits correctly.
+    active exception" after a finished run: rare, but seen in the 2-process tests). After this
+    wait every rank has left every gloo collective. The counter only grows, so calling this
+    again in the same job (a second run) waits correctly.
     """
     store = dist.distributed_c10d._get_default_store()
     arrived = store.add("zenlm/leave", 1)
@@ -96,12 +96,3 @@ def gather_objects(world: World, obj):
     out = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_flag(world: World, flag: bool) -> bool:
-    """True on every rank if any rank raised the flag (e.g. a stop request)."""
-    if not world.distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=world.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())

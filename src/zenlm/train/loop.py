@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from zenlm.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from zenlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from zenlm.errors import CheckpointError, ConfigError
 from zenlm.hardware import resolve_dtype
+from zenlm.io import atomic_write_json, atomic_write_text
 from zenlm.model.linear import cpu_backend
 from zenlm.train.config import RunConfig, TrainConfig
 from zenlm.train.distributed import World, barrier, gather_objects, mean_across, setup, teardown
@@ -334,7 +335,7 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
         if tc.early_stop_patience:
             summary["best"] = dict(best)
         summary.update(task.finish(model, run, last_eval))
-        atomic_write_text(run / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_json(run / "summary.json", summary)
         if last_eval:
             log(f"done: {step} steps, {tokens:,} tokens in {train_seconds:.0f}s; "
                 f"{task.done_line(last_eval)}")
