@@ -16,8 +16,12 @@ def backend(monkeypatch):
     """Set ZENLM_MATMUL for one test; the process-wide choice is restored afterwards."""
     def use(name: str) -> str:
         monkeypatch.setenv("ZENLM_MATMUL", name)
-        return L.cpu_backend(refresh=True)
+        gemv = L.cpu_backend("gemv", refresh=True)
+        gemm = L.cpu_backend(refresh=True)
+        assert name == "auto" or gemv == gemm  # a forced library holds for both shapes
+        return gemm
     monkeypatch.setattr(L, "_resolved", L._resolved)  # the process-wide choice comes back after
+    monkeypatch.setattr(L, "_resolved_gemv", L._resolved_gemv)
     yield use
 
 
@@ -121,3 +125,37 @@ def test_choosing_the_library_leaves_the_global_random_state_alone(backend):
     after_probe = torch.rand(4)
     torch.manual_seed(123)
     assert torch.equal(torch.rand(4), after_probe)
+
+
+@needs_onednn
+@pytest.mark.parametrize("gemm,gemv", [("aten", "onednn"), ("onednn", "aten")])
+def test_few_rows_follow_the_gemv_choice_and_many_rows_the_gemm_choice(monkeypatch, gemm, gemv):
+    """Decoding (a few rows) and prefill or training (many) are decided apart: a machine whose
+    GEMMs tie can still stream weights faster through one library."""
+    monkeypatch.setattr(L, "_resolved", gemm)
+    monkeypatch.setattr(L, "_resolved_gemv", gemv)
+    calls = []
+    real = L._onednn
+    monkeypatch.setattr(L, "_onednn", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    w = torch.randn(24, 16)
+    with torch.inference_mode():
+        for rows in (1, L.GEMV_MAX_ROWS, L.GEMV_MAX_ROWS + 1, 64):
+            x = torch.randn(rows, 16)
+            torch.testing.assert_close(L.linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    want = [r for r in (1, L.GEMV_MAX_ROWS) if gemv == "onednn"] + \
+           [r for r in (L.GEMV_MAX_ROWS + 1, 64) if gemm == "onednn"]
+    assert calls == want
+
+
+def test_the_gemv_probe_decides_by_time(monkeypatch):
+    """auto takes oneDNN for GEMVs exactly when its best time beats MKL's by a fifth (the
+    clock faked both ways: the choice must not depend on the machine running the test)."""
+    if not L._onednn_works():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setenv("ZENLM_MATMUL", "auto")
+    monkeypatch.setattr(L, "_resolved_gemv", None)
+    for onednn_time, want in ((0.5, "onednn"), (0.9, "aten")):
+        # each timed call reads the clock twice: aten (0 -> 1.0), then oneDNN (0 -> onednn_time)
+        ticks = iter([0.0, 1.0, 0.0, onednn_time] * 3)
+        monkeypatch.setattr(L.time, "perf_counter", lambda ticks=ticks: next(ticks))
+        assert L.cpu_backend("gemv", refresh=True) == want

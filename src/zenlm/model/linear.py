@@ -6,6 +6,12 @@ PyTorch wheel, and what ``torch.compile`` uses for CPU linears — runs code tun
 it finds, on training shapes and on the large fp32 GEMV of the output head while decoding (the
 rates are in the README). Both are IEEE fp32 with fp32 accumulation; only the kernels differ.
 
+A product of a few rows (decoding: one token per sequence) is a different problem from a GEMM:
+it reads each weight once and is bound by memory bandwidth, and which library streams weights
+faster is not the one that multiplies faster (on an AVX2-only EPYC the two GEMMs are level
+while oneDNN's GEMV reads weights markedly faster than MKL's). So the two shapes are decided
+apart: :func:`cpu_backend` ``"gemm"`` and ``"gemv"``.
+
 So :func:`linear` sends fp32 CPU products to oneDNN where a one-off timing at first use shows it
 clearly faster (set ``ZENLM_MATMUL=onednn|aten`` to decide instead), and everything else — bf16
 autocast, GPUs, compiled graphs, other dtypes — to ``F.linear`` unchanged. The backward pass
@@ -25,7 +31,9 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 
 CHOICES = ("auto", "onednn", "aten")
-_resolved: str | None = None  # cpu_backend()'s answer; a compiled graph reads it directly
+GEMV_MAX_ROWS = 16  # up to this many rows a product is weight-streaming (decoding), not a GEMM
+_resolved: str | None = None  # cpu_backend()'s answer for GEMMs; a compiled graph reads it directly
+_resolved_gemv: str | None = None
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -44,23 +52,30 @@ def _onednn_works() -> bool:
         return False
 
 
-def cpu_backend(refresh: bool = False) -> str:
-    """``onednn`` or ``aten``: which library runs fp32 CPU products in this process (decided
-    once; ``refresh`` decides again, e.g. after changing ``ZENLM_MATMUL``).
+def cpu_backend(kind: str = "gemm", refresh: bool = False) -> str:
+    """``onednn`` or ``aten``: which library runs fp32 CPU products of ``kind`` (``gemm``, or
+    ``gemv`` for at most GEMV_MAX_ROWS rows) in this process, decided once; ``refresh``
+    decides again, e.g. after changing ``ZENLM_MATMUL``.
 
-    ``auto`` times one mid-sized product three times with each library, alternating (large
-    enough to be GEMM-bound, small enough to cost a moment once per process), and takes oneDNN
-    only when its best time is under four fifths of MKL's: a busy machine can blur a small
-    difference but not the gap the choice is for, and the two are interchangeable in results,
-    so a wrong call costs speed only.
+    ``auto`` times one product of that kind three times with each library, alternating, and
+    takes oneDNN only when its best time is under four fifths of MKL's: a busy machine can blur
+    a small difference but not the gap the choice is for, and the two are interchangeable in
+    results, so a wrong call costs speed only. The GEMM is mid-sized (compute-bound, a moment
+    to run); the GEMV's weight is larger than a CPU's last-level cache, as a model's are.
     """
-    global _resolved
+    global _resolved, _resolved_gemv
+    if kind == "gemv":
+        if _resolved_gemv is None or refresh:
+            _resolved_gemv = _choose("gemv")
+        return _resolved_gemv
+    if kind != "gemm":
+        raise ValueError(f"kind must be gemm or gemv, got {kind!r}")
     if _resolved is None or refresh:
-        _resolved = _choose()
+        _resolved = _choose("gemm")
     return _resolved
 
 
-def _choose() -> str:
+def _choose(kind: str) -> str:
     choice = os.environ.get("ZENLM_MATMUL", "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise ConfigError(f"ZENLM_MATMUL={choice!r}: expected one of {', '.join(CHOICES)}")
@@ -68,8 +83,11 @@ def _choose() -> str:
         return "aten"
     if choice == "onednn":
         return "onednn"
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(512, 1024, generator=g), torch.randn(2048, 1024, generator=g)
+    if kind == "gemm":
+        g = torch.Generator().manual_seed(0)  # never the global RNG: seeded runs stay the same
+        x, w = torch.randn(512, 1024, generator=g), torch.randn(2048, 1024, generator=g)
+    else:  # the values do not matter to the time, only the bytes: no random draws to wait for
+        x, w = torch.full((1, 2048), 0.5), torch.full((8192, 2048), 0.25)
     best = {"aten": float("inf"), "onednn": float("inf")}
     with torch.inference_mode():
         for _ in range(3):
@@ -121,14 +139,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     A compiled graph uses oneDNN only if the choice was made before compiling (any eager
     product, or :func:`cpu_backend`, makes it): timing a probe inside a trace is not possible.
     """
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and (_resolved if torch.compiler.is_compiling() else cpu_backend()) == "onednn"):
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-                x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
-            return _onednn_op(x, weight, bias)
-        return _onednn(x, weight, bias)  # inference: oneDNN directly, no op-dispatch overhead
-    return F.linear(x, weight, bias)
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")):
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return _onednn_op(x, weight, bias) if _resolved == "onednn" else F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _onednn_op(x, weight, bias) if cpu_backend() == "onednn" else F.linear(x, weight, bias)
+    # inference: the library called directly (no op-dispatch overhead per token)
+    kind = "gemv" if x.numel() <= GEMV_MAX_ROWS * x.shape[-1] else "gemm"
+    return _onednn(x, weight, bias) if cpu_backend(kind) == "onednn" else F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
