@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from zenlm.model.linear import linear
-from zenlm.model.transformer import FUSED_PARTS
+from zenlm.model.projections import FUSED_PARTS
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,12 +146,10 @@ def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = 0.6) -> nn.Module
     stats = input_absmax(model, ids[:, :model.config.max_seq_len])
     for block in model.blocks:
         a, m = block.attn, block.mlp
-        if m.gate_up_proj is not None:  # fused (Transformer.fuse_projections): up is the lower half
-            mlp_in, up = [m.gate_up_proj], m.gate_up_proj
-        else:
-            mlp_in, up = [m.gate_proj, m.up_proj] if m.kind == "swiglu" else [m.up_proj], m.up_proj
-        groups = [(block.attn_norm, [a.qkv_proj] if a.qkv_proj is not None else [a.q_proj, a.k_proj, a.v_proj]),
-                  (block.mlp_norm, mlp_in)]
+        # fused (Transformer.fuse_projections) or not: up's rows come last in what computes it
+        mlp_in = m.gate_up.layers(m) if m.kind == "swiglu" else [m.up_proj]
+        up = mlp_in[-1]
+        groups = [(block.attn_norm, a.qkv.layers(a)), (block.mlp_norm, mlp_in)]
         for norm, lins in groups:
             if norm.weight is None:
                 continue
@@ -211,8 +209,6 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] | None = None,
     replace_projections(model, lambda name, lin: None if named_as(name, skip)
                         else Int8Linear.from_linear(lin, activations))
     model.lm_head = Int8Linear(model.head_weight(), None)
-    model.quantized = ("int8-weights" if activations == "bf16"
-                       else "int8" if calibration is None else "int8-smoothed")
     return model.eval()
 
 
@@ -298,5 +294,4 @@ def quantize_int4(model: nn.Module, group_size: int = 32, head: str = "int8") ->
         model.lm_head = Int8Linear(weight, None)
     elif head == "int4" and fits(weight):
         model.lm_head = Int4Linear(weight, None, group_size)
-    model.quantized = f"int4-g{group_size}"
     return model.eval()
