@@ -39,6 +39,31 @@ def test_choice_scores_equal_full_forward_log_probs(loaded):
                 assert s == pytest.approx(by_hand(model, item.context, choice), abs=1e-4)
 
 
+def test_an_int8_model_scores_choices_through_its_quantized_head(loaded, corpus_text, monkeypatch):
+    """A quantized head has no weight matrix to read (Int8Linear): scoring goes through the
+    model's own head, as decoding does, and gives the float model's scores up to rounding."""
+    import copy
+
+    import zenlm.infer.quantize as quantize
+
+    monkeypatch.setattr(quantize, "INT8_MAX_ROWS", 1 << 30)  # every product int8 x int8, as decoding
+    model = quantize.quantize_int8(copy.deepcopy(loaded.model))
+    assert isinstance(model.lm_head, quantize.Int8Linear) and model.head_weight() is None
+    tok = loaded.tokenizer
+    rng = random.Random(2)
+    lines = [line for line in corpus_text.splitlines() if len(line.strip()) > 30]
+    items = []
+    for line in rng.sample(lines, 12):
+        cut = rng.randrange(12, len(line) - 10)
+        items.append(make_item(tok, line[:cut], [line[cut:cut + 10], line[cut:cut + 1], "qxzjvkwy"], 0))
+    ids = tok.encode("    return x")
+    items.append(ChoiceItem(tok.encode_prompt("def f(x):\n"), [[t] for t in ids[:3]], 0, [1, 1, 1]))
+    want = torch.tensor(score_items(loaded.model, items, batch_size=4))
+    got = torch.tensor(score_items(model, items, batch_size=4))
+    torch.testing.assert_close(got, want, rtol=0.01, atol=0.05)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+
+
 def test_raw_and_length_normalised_picks():
     items = [ChoiceItem([1], [[1], [2, 3]], gold=1, choice_bytes=[1, 10]),
              ChoiceItem([1], [[1], [2]], gold=0, choice_bytes=[4, 4])]

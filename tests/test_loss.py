@@ -52,15 +52,21 @@ def test_a_frozen_head_and_an_all_masked_batch():
         head_cross_entropy(h, w, torch.zeros(10, dtype=torch.long), "none")
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_model_loss_equals_cross_entropy_of_its_logits(small_chunks, tied):
+def tiny_model_and_batch(tied: bool, masked: tuple[int, slice]):
+    """A one-layer Llama (vocab 300), inputs (3, 64) and their next-token targets, ``masked`` -100."""
     cfg = TransformerConfig.preset("llama", vocab_size=300, n_layer=1, n_head=2, d_model=32,
                                    n_kv_head=2, max_seq_len=64, tie_embeddings=tied)
     torch.manual_seed(0)
     model = Transformer(cfg)
     x = torch.randint(0, 300, (3, 65))
     y = x[:, 1:].clone()
-    y[0, :10] = -100
+    y[masked] = -100
+    return model, x, y
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_loss_equals_cross_entropy_of_its_logits(small_chunks, tied):
+    model, x, y = tiny_model_and_batch(tied, (0, slice(None, 10)))
     loss = model(x[:, :-1], y)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     logits = model(x[:, :-1])
@@ -69,3 +75,29 @@ def test_model_loss_equals_cross_entropy_of_its_logits(small_chunks, tied):
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     for got, exp in zip(grads, want_grads):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6)
+
+
+def test_lm_loss_gives_one_loss_whichever_way_it_computes_it(small_chunks, monkeypatch):
+    """Chunked head (a plain matrix, eager), the plain loss of ``model.logits`` (a head that is
+    no plain matrix; a compiled graph, which also keeps the untargeted positions) and the
+    per-token losses: the same numbers."""
+    from zenlm.model.loss import lm_loss
+
+    model, x, y = tiny_model_and_batch(False, (1, slice(5, 30)))
+    h = model.hidden_states(x[:, :-1])
+    calls = []
+    monkeypatch.setattr(LS, "head_cross_entropy", lambda *a: calls.append(a) or head_cross_entropy(*a))
+    chunked = lm_loss(model, h, y, "sum")
+    assert len(calls) == 1 and calls[0][0].shape[0] == int((y != -100).sum())  # untargeted rows dropped
+    per_token = lm_loss(model, h, y, "none")
+    assert per_token.shape == y.shape and not per_token[1, 5:30].any()
+    with monkeypatch.context() as m:
+        m.setattr(type(model), "head_weight", lambda self: None)  # e.g. a quantized head
+        plain = lm_loss(model, h, y, "sum")
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        compiled = lm_loss(model, h, y, "mean")
+    assert len(calls) == 1  # neither of these went through the chunked loss
+    torch.testing.assert_close(plain, chunked, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(per_token.sum(), chunked, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(compiled, chunked / (y != -100).sum(), rtol=1e-5, atol=1e-5)

@@ -10,9 +10,10 @@ from a train file put in front) and fine-tuned (``eval/classify.py``) and the nu
 
 Context and choice are tokenized separately and concatenated, as a model sees them when it
 generates the choice after the prompt; a space ending the context moves to the choice.
-Only the positions that predict choice tokens go through the LM head, so a 49k vocabulary
-costs nothing for the prompt tokens; the few-shot examples every prompt starts with are run
-once into a KV cache rather than once per item.
+Only the positions that predict choice tokens go through the LM head (``Transformer.logits``,
+so a quantized head scores as it decodes), so a 49k vocabulary costs nothing for the prompt
+tokens; the few-shot examples every prompt starts with are run once into a KV cache rather than
+once per item.
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ import random
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from zenlm.errors import DataError
-from zenlm.model.linear import linear
 
 
 @dataclass
@@ -115,7 +114,6 @@ def score_items(model, items: list[ChoiceItem], *, batch_size: int = 16,
             rows.append((i, [j], ids, len(ids) - len(c)))
     scores = [[0.0] * len(item.choices) for item in items]
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][2]))
-    head = model.head_weight()
     cache = None
     if shared:
         size = min(batch_size, len(rows))
@@ -130,16 +128,19 @@ def score_items(model, items: list[ChoiceItem], *, batch_size: int = 16,
         if cache is not None:
             cache.pos = skip  # forget the last batch's suffixes; the shared prefix stays
         hidden = model.hidden_states(x.to(device), cache=cache)
-        for b, (i, js, ids, start) in enumerate(batch):
-            if len(js) > 1:  # single-token choices: one position, every choice
-                logp = F.log_softmax(linear(hidden[b, start], head).float(), dim=-1)
+        # every row's predicting positions through the head at once: a row of single-token
+        # choices has one (each choice read from it), a choice's own row one per token
+        spans = [1 if len(js) > 1 else len(items[i].choices[js[0]]) for i, js, _, _ in batch]
+        at = torch.tensor([(b, start + k) for b, ((*_, start), n) in enumerate(zip(batch, spans))
+                           for k in range(n)], device=device)
+        logp = model.logits(hidden[at[:, 0], at[:, 1]]).float().log_softmax(-1)
+        for (i, js, _, _), row in zip(batch, logp.split(spans)):
+            if len(js) > 1:
                 for j in js:
-                    scores[i][j] = float(logp[items[i].choices[j][0]])
-                continue
-            target = torch.tensor(items[i].choices[js[0]], device=device)
-            logits = linear(hidden[b, start:start + len(target)], head).float()
-            logp = F.log_softmax(logits, dim=-1).gather(1, target[:, None])
-            scores[i][js[0]] = float(logp.sum())
+                    scores[i][j] = float(row[0, items[i].choices[j][0]])
+            else:
+                target = torch.tensor(items[i].choices[js[0]], device=device)
+                scores[i][js[0]] = float(row.gather(1, target[:, None]).sum())
     model.train(was_training)
     return scores
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from zenlm.model.linear import linear
-from zenlm.model.transformer import FUSED_PARTS
+from zenlm.model.projections import FUSED_PARTS
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,9 @@
 
 The one attention of zenlm. Every family goes through
 :func:`torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel where the
-hardware has one. Separate q/k/v projections (rather than one fused matrix) keep the weights
-named as Hugging Face names them, which makes checkpoint interop and LoRA on q/k/v direct.
+hardware has one. q, k and v come from one :class:`~zenlm.model.projections.Projections`: separate
+``q_proj``/``k_proj``/``v_proj`` layers, named as Hugging Face names them (checkpoint interop and
+LoRA on q/k/v are direct), or, once fused for inference, one ``qkv_proj`` matrix and one product.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import nn
 
 from zenlm.config import TransformerConfig
 from zenlm.model.kv_cache import KVCache
-from zenlm.model.linear import Linear, is_plain_linear
+from zenlm.model.linear import Linear
+from zenlm.model.projections import Projections
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: dict | None = None) -> torch.Tensor:
@@ -41,29 +43,20 @@ def rope_inv_freq(head_dim: int, base: float, scaling: dict | None = None) -> to
 
 def rope_tables(head_dim: int, max_len: int, base: float,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_len, head_dim) in the "rotate half" layout Llama uses."""
+    """cos and signed sin tables (max_len, head_dim) for :func:`apply_rope`, in the "rotate half"
+    layout Llama uses: channel i pairs with i + head_dim/2, and sin's first half is negated."""
     inv_freq = rope_inv_freq(head_dim, base, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos().float(), torch.cat([-sin, sin], dim=-1).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)
-    return x * cos + rotated * sin
-
-
-def fuse_linears(lins: tuple[nn.Linear, ...]) -> nn.Linear:
-    """One ``nn.Linear`` whose output is the given layers' outputs side by side."""
-    w = lins[0].weight
-    bias = lins[0].bias is not None
-    with torch.device("meta"):
-        fused = Linear(w.shape[1], sum(lin.out_features for lin in lins), bias=bias)
-    fused.weight = nn.Parameter(torch.cat([lin.weight.detach() for lin in lins]), requires_grad=False)
-    if bias:
-        fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in lins]), requires_grad=False)
-    return fused
+    """Rotate each channel pair of ``x`` (..., head_dim): ``x * cos + rotate_half(x) * sin``,
+    where rotating half is swapping the halves (a roll) and negating the first (in ``sin``).
+    Three ops, not six: q and k are rotated separately, and per token each op is mostly
+    call overhead."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 class Attention(nn.Module):
@@ -81,38 +74,24 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.causal = config.causal
         self.use_rope = config.pos == "rope"
-        self.qkv_proj: nn.Module | None = None  # q/k/v in one matrix, for inference (fuse_projections)
+        self.qkv = Projections.of("qkv_proj", config)
 
     def fuse_projections(self) -> None:
-        """Replace q/k/v by one projection: one product and one rotary pass per token instead of
-        three and two. Decoding a token is a chain of small ops whose per-call overhead rivals
-        their work, so fewer calls is faster (SmolLM2 int4, batch 1: ~+15% with the MLP's
-        fusion). For inference; exporters split it back (``transformer.unfused_state``).
-        Layers that are not plain ``nn.Linear`` (LoRA, quantized) are left as they are."""
-        if self.qkv_proj is not None:
-            return
-        lins = (self.q_proj, self.k_proj, self.v_proj)
-        if all(is_plain_linear(lin) for lin in lins):
-            self.qkv_proj = fuse_linears(lins)
-            del self.q_proj, self.k_proj, self.v_proj
+        """q/k/v in one matrix ``qkv_proj``, for inference (see :class:`Projections`);
+        exporters split it back (``transformer.unfused_state``)."""
+        self.qkv.fuse(self)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
-        if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x).view(b, t, nh + 2 * nkv, hd).transpose(1, 2)
-            qk, v = qkv.split([nh + nkv, nkv], dim=1)
-            if self.use_rope:
-                qk = apply_rope(qk, *rope)  # the query and key heads rotated together
-            q, k = qk.split([nh, nkv], dim=1)
-        else:
-            q = self.q_proj(x).view(b, t, nh, hd).transpose(1, 2)
-            k = self.k_proj(x).view(b, t, nkv, hd).transpose(1, 2)
-            v = self.v_proj(x).view(b, t, nkv, hd).transpose(1, 2)
-            if self.use_rope:
-                cos, sin = rope
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.qkv(self, x)
+        q = q.view(b, t, nh, hd).transpose(1, 2)
+        k = k.view(b, t, nkv, hd).transpose(1, 2)
+        v = v.view(b, t, nkv, hd).transpose(1, 2)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = cache.pos if cache is not None else 0
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # in the cache's dtype: attention runs in it

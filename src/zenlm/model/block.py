@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from zenlm.config import TransformerConfig
-from zenlm.model.attention import Attention, fuse_linears
+from zenlm.model.attention import Attention
 from zenlm.model.kv_cache import KVCache
-from zenlm.model.linear import Linear, is_plain_linear
+from zenlm.model.linear import Linear
+from zenlm.model.projections import Projections
 
 
 def make_norm(config: TransformerConfig) -> nn.Module:
@@ -30,27 +31,22 @@ class MLP(nn.Module):
         d, h = config.d_model, config.d_ff
         if self.kind == "swiglu":
             self.gate_proj = Linear(d, h, bias=config.bias)
+            self.gate_up = Projections.of("gate_up_proj", config)
         self.up_proj = Linear(d, h, bias=config.bias)
         self.down_proj = Linear(h, d, bias=config.bias)
         self.down_proj.residual_init = True
-        self.gate_up_proj: nn.Module | None = None  # for inference: see fuse_projections
+        self.approximate = "tanh" if self.kind == "gelu" else "none"
 
     def fuse_projections(self) -> None:
-        """SwiGLU's gate and up in one matrix (see ``Attention.fuse_projections``)."""
-        if self.kind != "swiglu" or self.gate_up_proj is not None:
-            return
-        if is_plain_linear(self.gate_proj) and is_plain_linear(self.up_proj):
-            self.gate_up_proj = fuse_linears((self.gate_proj, self.up_proj))
-            del self.gate_proj, self.up_proj
+        """SwiGLU's gate and up in one matrix ``gate_up_proj`` (see ``Attention.fuse_projections``)."""
+        if self.kind == "swiglu":
+            self.gate_up.fuse(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
         if self.kind == "swiglu":
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        approximate = "tanh" if self.kind == "gelu" else "none"
-        return self.down_proj(F.gelu(self.up_proj(x), approximate=approximate))
+            gate, up = self.gate_up(self, x)
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
 
 
 class Block(nn.Module):

@@ -1,5 +1,6 @@
-"""Output head and cross-entropy in one pass over row chunks: the (tokens, vocab) logits never
-exist in full.
+"""The language-model loss from hidden states (:func:`lm_loss`), and the output head and
+cross-entropy in one pass over row chunks (:func:`head_cross_entropy`): the (tokens, vocab)
+logits never exist in full.
 
 A language model's loss is the largest tensor of a training step: for SmolLM2 (vocab 49,152) a
 batch of 16 x 512 tokens has 1.6 GB of fp32 logits, and as much again for their gradient, and
@@ -13,6 +14,7 @@ under bf16 autocast, like ``F.cross_entropy``), a fraction of the memory traffic
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from zenlm.model.linear import linear
 
@@ -73,3 +75,35 @@ def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     if reduction not in ("mean", "sum"):
         raise ValueError(f"head_cross_entropy: reduction {reduction!r} (mean or sum)")
     return _HeadCrossEntropy.apply(h, weight, targets, reduction)
+
+
+def lm_loss(model, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``model``'s next-token predictions from hidden states ``h`` (..., d)
+    against ``targets`` (...); targets equal to -100 carry no loss (prompt masking, padding).
+    ``mean``, ``sum``, or ``none`` (a loss per target, in its shape).
+
+    ``model`` gives ``logits(h)`` and ``head_weight()`` (a plain head matrix or None), as
+    :class:`~zenlm.model.Transformer` does. Where the loss is computed, and how, is decided here
+    and only here:
+
+    * on a CPU in eager mode, positions without a target (a chat prompt, padding) are dropped
+      before the head: with a vocabulary of 49k the head is a fifth of a small model's work.
+      Not on a GPU, where the data-dependent shape costs a host sync per step, nor in a compiled
+      graph, which it would break;
+    * a plain head matrix goes through :func:`head_cross_entropy` (a fraction of the memory);
+    * compiled graphs (which fuse the plain loss themselves), ``reduction="none"``, and heads
+      that are not one plain matrix (quantized) take ``F.cross_entropy`` of ``model.logits``.
+    """
+    eager = not torch.compiler.is_compiling()
+    if reduction != "none" and eager:
+        if h.device.type == "cpu":
+            keep = targets != -100
+            if not bool(keep.all()):
+                h, targets = h[keep], targets[keep]
+        weight = model.head_weight()
+        if weight is not None:
+            return head_cross_entropy(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), reduction)
+    logits = model.logits(h)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100, reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss

@@ -3,6 +3,8 @@
 Read top to bottom: the family (GPT-2, Llama, ...) lives in :class:`TransformerConfig`, not in
 subclasses. ``forward`` returns logits for inference, or the loss when targets are given, so a
 DDP wrapper around the model computes exactly what training needs and nothing more.
+:meth:`Transformer.logits` is the one place the output head is applied; how a loss is computed
+from hidden states (which positions, chunked or not) is :func:`zenlm.model.loss.lm_loss`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import math
 
 import torch
 import torch.utils.checkpoint
-import torch.nn.functional as F
 from torch import nn
 
 from zenlm.config import TransformerConfig
@@ -20,7 +21,8 @@ from zenlm.model.attention import rope_tables
 from zenlm.model.block import Block, make_norm
 from zenlm.model.kv_cache import KVCache
 from zenlm.model.linear import Linear, is_plain_linear, linear
-from zenlm.model.loss import head_cross_entropy
+from zenlm.model.loss import lm_loss
+from zenlm.model.projections import FUSED_PARTS, part_sizes
 
 
 @contextlib.contextmanager
@@ -39,16 +41,11 @@ def _skip_init():
             setattr(nn.init, name, fn)
 
 
-# What Transformer.fuse_projections fuses: the fused projection and its parts, in row order.
-FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
 def unfused_state(state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
     """A state dict under the checkpoint names, whether or not the model was fused
     (:meth:`Transformer.fuse_projections`): fused q/k/v and gate/up tensors are split back, so a
     fused model exports like any other."""
-    q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-    rows = {"qkv_proj": [q, kv, kv], "gate_up_proj": [config.d_ff, config.d_ff]}
+    rows = part_sizes(config)
     out = {}
     for key, value in state.items():
         prefix, _, fused = key.rpartition(".")[0].rpartition(".")
@@ -150,8 +147,18 @@ class Transformer(nn.Module):
         return KVCache(c.n_layer, batch, c.n_kv_head, c.head_dim, max_len or c.max_seq_len,
                        dtype=dtype, device=p.device)
 
-    def head_weight(self) -> torch.Tensor:
-        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+    def head_weight(self) -> torch.Tensor | None:
+        """The output head as one plain (vocab, d) matrix, or None where it is not one (a
+        quantized head, a bias): what the chunked loss and the quantizers read."""
+        if self.lm_head is None:
+            return self.tok_emb.weight
+        return self.lm_head.weight if is_plain_linear(self.lm_head) and self.lm_head.bias is None else None
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head on hidden states (..., d) -> (..., vocab): the tied embedding, the
+        model's own ``lm_head``, or whatever module replaced it (a quantized head). The one
+        place the head is applied."""
+        return linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, *,
                       attention_mask: torch.Tensor | None = None,
@@ -230,23 +237,4 @@ class Transformer(nn.Module):
         h = self.hidden_states(idx, cache, attention_mask=attention_mask, segment_ids=segment_ids)
         if last_only:
             h = h[:, -1:, :]
-        if (targets is not None and reduction != "none" and h.device.type == "cpu"
-                and not torch.compiler.is_compiling()):
-            keep = targets != -100
-            if not bool(keep.all()):
-                # Positions without a target (a chat prompt, padding) need no logits: with a
-                # vocabulary of 49k the output head is a fifth of a small model's work. (CPU and
-                # eager only: on a GPU the data-dependent shape costs a host sync per step, and
-                # it would break a compiled graph.)
-                h, targets = h[keep], targets[keep]
-        head = self.tok_emb.weight if self.lm_head is None else (
-            self.lm_head.weight if is_plain_linear(self.lm_head) and self.lm_head.bias is None else None)
-        if (targets is not None and reduction != "none" and head is not None
-                and not torch.compiler.is_compiling()):  # compiled graphs fuse the plain loss
-            return head_cross_entropy(h.reshape(-1, h.shape[-1]), head, targets.reshape(-1), reduction)
-        logits = self.lm_head(h) if self.lm_head is not None else linear(h, self.tok_emb.weight)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-100, reduction=reduction)
-        return loss.view(targets.shape) if reduction == "none" else loss
+        return self.logits(h) if targets is None else lm_loss(self, h, targets, reduction)
