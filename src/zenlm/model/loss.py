@@ -18,10 +18,9 @@ import torch.nn.functional as F
 
 from zenlm.model.linear import linear
 
-# Rows per chunk: at least MIN_ROWS (fewer and the products lose more than the cache gains;
-# measured on a 2-core EPYC, GPT-2 shape: 64 rows 13% slower than the plain loss at vocab 8k,
-# 512 rows 6% faster; at vocab 49k 512-1024 rows 13% faster), more while a chunk's logits
-# stay under CHUNK_ELEMENTS. The logits held at once: 512 x vocab, not batch x seq x vocab.
+# Rows per chunk: at least MIN_ROWS (with fewer the products lose more than the cache gains:
+# a few dozen rows ran slower than the plain loss, several hundred faster, in the bench of
+# train_step.py), more while a chunk's logits stay under CHUNK_ELEMENTS. The logits held at once: 512 x vocab, not batch x seq x vocab.
 CHUNK_ELEMENTS = 1 << 22
 MIN_ROWS = 512
 

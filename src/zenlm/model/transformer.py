@@ -29,7 +29,7 @@ from zenlm.model.projections import FUSED_PARTS, part_sizes
 def _skip_init():
     """Module constructors initialise their weights, which is wasted on weights about to be
     assigned, and on the meta device ``normal_`` goes through torch's reference
-    implementations, whose first use imports torch._dynamo: ~1.2 s of a ~2.8 s cold start."""
+    implementations, whose first use imports torch._dynamo: a large share of a cold start."""
     names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
     saved = {name: getattr(nn.init, name) for name in names}
     try:
@@ -139,8 +139,8 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         """A KV cache in the model's dtype, except that a bf16 model on a CPU caches (and
-        attends) in fp32: torch's CPU attention over a cache is several times slower in bf16
-        (one token over 200 positions: ~86 against ~14 us per layer), and the cache is small."""
+        attends) in fp32: torch's CPU attention over a cache is several times slower in bf16,
+        and the cache is small."""
         c = self.config
         p = self.tok_emb.weight
         dtype = torch.float32 if p.device.type == "cpu" and p.dtype == torch.bfloat16 else p.dtype
