@@ -6,15 +6,17 @@ honest), contestants alternating, repeated ``--reps`` times (median reported):
   * prefill: tokens/s of one forward over a 512-token prompt (after a warm-up forward);
   * decode: greedy tokens/s for 128 new tokens at batch 1 and batch 8;
   * peak RSS of the process.
-Contestants: zenlm fp32, zenlm int8 (``zenlm.infer.quantize``: weight-only with bf16 inputs
-where the CPU has native bf16, int8 inputs elsewhere), zenlm bf16 weights and zenlm int4 (4-bit
-weights in groups of 32, bf16 inputs; these two only on CPUs with native bf16, see
-``zenlm.hardware``), transformers fp32
+Contestants: zenlm fp32, zenlm int8 and int4 (``zenlm.infer.quantize``: weight-only, every
+projection and the output head; int4 in groups of 32 with an int8 head), zenlm bf16 weights
+(only on CPUs with native bf16, see ``zenlm.hardware``), transformers fp32
 (``from_pretrained(gguf_file=...)`` + ``generate``), and llama-cpp-python on the same Q4_1 GGUF
 when it is installed (``pip install llama-cpp-python``; it compiles llama.cpp, ~9 minutes).
 Perplexity on the first 20,000 characters of GPL-3 (512-token windows) is reported for every
 zenlm variant (quantized ones scored through the same kernels decoding uses) and transformers.
-zenlm decodes as ``zenlm generate`` does: q/k/v and gate/up fused (``fuse_projections``).
+zenlm decodes as ``zenlm generate`` does (``zenlm.infer.prepare.prepare_for_decoding``). The
+machine (CPU name, the flags that choose kernels), its read bandwidth measured before and after,
+and each contestant's bytes of weights per token are recorded, so decode figures are also given
+as a share of the bandwidth limit.
 
     . .venv/bin/activate
     python bench/infer_smollm2.py                 # ~10 minutes on 2 cores; JSON to bench/results/
@@ -65,19 +67,12 @@ def run_zenlm(int8: bool, threads: int, bf16: bool = False, int4: bool = False) 
     import zenlm
     from zenlm.infer import SamplingConfig
     from zenlm.infer.generate import token_steps
+    from zenlm.infer.prepare import prepare_for_decoding
 
     lm = zenlm.load("smollm2")
-    lm.model.fuse_projections()
-    if int4:
-        from zenlm.infer.quantize import quantize_int4
-
-        quantize_int4(lm.model)
-    if bf16:
-        lm.model.to(torch.bfloat16)
-    if int8:
-        from zenlm.infer.quantize import quantize_int8
-
-        quantize_int8(lm.model)
+    # as `zenlm generate` readies a model: fused projections, then the dtype or quantization
+    prepare_for_decoding(lm.model, dtype="bf16" if bf16 else "fp32",
+                         quantize="int8" if int8 else "int4" if int4 else "none")
     model, tok = lm.model, lm.tokenizer
     ids = tok.encode_prompt("Once upon a time")
     next(iter(token_steps(model, [ids], SamplingConfig(max_new_tokens=1, temperature=0))))
@@ -263,7 +258,7 @@ def main() -> None:
         names.remove("llama.cpp")
     from zenlm.hardware import native_bf16
 
-    for n in ("zenlm-bf16", "zenlm-int4"):
+    for n in ("zenlm-bf16",):  # int8 and int4 are weight-only: they run on any CPU
         if n in names and not native_bf16():
             print(f"{n}: skipped (this CPU has no native bf16: it would be emulated, ~100x slower)")
             names.remove(n)
