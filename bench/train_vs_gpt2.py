@@ -59,6 +59,7 @@ PEERS = [
     ("llama-4x256-bpe1024", "llama", 4, 256, 4, 1024, 256),
     ("llama-6x256-bpe2048", "llama", 6, 256, 4, 2048, 256),
     ("gpt2-3x192-bpe768", "gpt2", 3, 192, 3, 768, 256),
+    ("llama-2x128-bpe4096", "llama", 2, 128, 2, 4096, 256),  # the shape zenlm picks for short budgets
 ]
 PEER_TOKENS_PER_STEP = 4096
 # The peers share the recipe's optimizer settings (recipes/auto.yaml), so only model and LR differ.
