@@ -75,12 +75,11 @@ def stdlib_sources(max_bytes: int) -> list[Path]:
 def speedrun(cfg: SpeedrunConfig, log=print) -> Path:
     from zenlm.data.shards import PrepareConfig, prepare
     from zenlm.data.sources import Source, find_sources
+    from zenlm.config import size_shape
     from zenlm.errors import ConfigError
+    from zenlm.train.budget import BATCH_TOKENS, CONTEXT, lr_for, vocab_for
     from zenlm.train.config import resolve
     from zenlm.train.loop import pretrain
-
-    from zenlm.config import size_shape
-    from zenlm.train.budget import BATCH_TOKENS, CONTEXT, lr_for, vocab_for
 
     if str(cfg.size) != "auto":
         size_shape(cfg.size)  # an unknown name fails now, not after the tokenizer is trained
@@ -110,15 +109,21 @@ def speedrun(cfg: SpeedrunConfig, log=print) -> Path:
     train = {"out_dir": str(run), "max_minutes": cfg.minutes, "max_steps": None,
              "warmup_frac": 0.03, "eval_every": 0, "ckpt_every": 100, "eval_batches": 40,
              "seed": cfg.seed, "weight_decay": 0.1, "dtype": cfg.dtype}
+    model = {"family": "llama", "size": cfg.size, "tie_embeddings": True}
     lr, batch = cfg.lr, cfg.batch_size
-    if str(cfg.size) != "auto":  # a named size takes the dial's LR and batch (auto picks its own)
+    if str(cfg.size) != "auto":  # a fixed size takes the dial's LR and batch (auto picks its own)
         shape = size_shape(cfg.size)
+        model.setdefault("max_seq_len", shape.get("max_seq_len", CONTEXT))  # a bare depth: CONTEXT
         lr = lr or lr_for(shape["d_model"])
-        batch = batch or max(1, BATCH_TOKENS // shape.get("max_seq_len", CONTEXT))
+        batch = batch or max(1, BATCH_TOKENS // model["max_seq_len"])
     train.update({k: v for k, v in (("lr", lr), ("batch_size", batch)) if v})
-    raw = {"model": {"family": "llama", "size": cfg.size, "tie_embeddings": True},
-           "data": {"path": str(data_dir)}, "train": train}
-    summary = pretrain(resolve(raw, log=log), log=log)
+    run_cfg = resolve({"model": model, "data": {"path": str(data_dir)}, "train": train}, log=log)
+    summary = pretrain(run_cfg, log=log)
+    m = run_cfg.model
+    summary["shape"] = (f"{m.n_layer} layers x {m.d_model}, {m.n_head} heads ({m.n_kv_head} kv), "
+                        f"context {m.max_seq_len}, batch {run_cfg.train.batch_size}, "
+                        f"lr {run_cfg.train.lr:.2g}"
+                        + (f"; size auto: depth {run_cfg.auto['depth']}" if run_cfg.auto else ""))
 
     log("[3/4] sampling completions of code prompts")
     from zenlm.checkpoint import load_run
@@ -146,6 +151,7 @@ def render_report(cfg: SpeedrunConfig, corpus: str, manifest: dict, summary: dic
         f"- corpus: {corpus}",
         f"- tokens in corpus: {manifest['train_tokens']:,} train / {manifest['val_tokens']:,} val "
         f"(vocabulary {manifest['vocab_size']:,}, split by {manifest['val_split']})",
+        f"- model: {summary.get('shape', '')}",
         f"- parameters: {summary['params']:,} ({summary['params_non_embedding']:,} non-embedding)",
         f"- steps: {summary['step']:,}; tokens seen: {summary['tokens']:,}",
         f"- training time: {summary['train_seconds']:.0f} s; throughput: {summary['tok_per_s']:,.0f} tokens/s "

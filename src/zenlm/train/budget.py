@@ -29,7 +29,7 @@ from zenlm.errors import ConfigError
 
 # The largest depth still seeing this many tokens per parameter wins; set between the ratios
 # of the winner and the loser of the calibration runs (README, "Speed and quality").
-TOKENS_PER_PARAM = 1.0
+TOKENS_PER_PARAM = 0.5
 MIN_DEPTH, MAX_DEPTH = 2, 16
 CONTEXT = 128  # tokens per sequence: enough for minute-long budgets, cheap attention
 BATCH_TOKENS = 4096  # tokens per optimizer step
@@ -178,7 +178,7 @@ def fit_to_budget(raw: dict[str, Any], *, log=print,
         f"batch {train.get('batch_size') or plan['train'].get('batch_size')}, "
         f"lr {float(train.get('lr') or plan['train'].get('lr')):.2g}: {row['params'] / 1e6:.2f}M params, "
         f"~{row['tokens'] / 1e6:.1f}M tokens in {float(minutes):g} min "
-        f"({row['tokens_per_param']:.0f} tokens/param; target {TOKENS_PER_PARAM:g})")
+        f"({row['tokens_per_param']:.2g} tokens/param; target {TOKENS_PER_PARAM:g})")
     out = merge(raw, {"model": plan["model"], "train": plan["train"]})
     out["auto"] = plan
     return out
