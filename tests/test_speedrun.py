@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
+from zenlm.errors import ConfigError
 from zenlm.infer import generate
 from zenlm.interop.load import load_run
 from zenlm.speedrun import CODE_PROMPTS, SAMPLING, SpeedrunConfig, looks_like_data, speedrun, stdlib_sources
+from zenlm.train.budget import BATCH_TOKENS
 
 
 def test_speedrun_writes_a_complete_report(tmp_path, corpus_file):
@@ -41,6 +44,19 @@ def test_speedrun_writes_a_complete_report(tmp_path, corpus_file):
         completion = generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=96, seed=cfg.seed,
                               **SAMPLING)
         assert f"```python\n{prompt}{completion}\n```" in report, prompt
+    assert "size auto: depth 2" in report and "model: 2 layers x 128" in report
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["auto"]["depth"] == 2 and saved["model"]["vocab_size"] == 448  # 400 rounded up
+
+
+def test_speedrun_with_a_depth_and_an_unknown_size(tmp_path, corpus_file):
+    run = speedrun(SpeedrunConfig(corpus=str(corpus_file), name="d", runs_dir=str(tmp_path),
+                                  minutes=0.02, size="2", vocab_size=300), log=lambda *a, **k: None)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["auto"] is None and saved["model"]["n_layer"] == 2
+    assert saved["train"]["batch_size"] * saved["model"]["max_seq_len"] == BATCH_TOKENS
+    with pytest.raises(ConfigError, match="did you mean 'small'"):
+        speedrun(SpeedrunConfig(corpus=str(corpus_file), runs_dir=str(tmp_path), size="smal"))
 
 
 def test_default_corpus_is_code_not_data_tables():

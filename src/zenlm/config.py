@@ -3,6 +3,11 @@
 One :class:`TransformerConfig` describes every model zenlm builds. GPT-2 and Llama are not
 classes but points in this space (norm kind, position kind, MLP kind, biases, tying); BERT and
 encoder-decoder shapes will be more points (``causal=False`` is the seam for encoders).
+
+Two tables fill it, and they never overlap: :data:`FAMILIES` holds architecture switches only,
+:data:`SIZES` holds shapes only, so any family comes in any size. Every size is a point of one
+dial, the depth (:func:`depth_shape`), which is also what ``model.size: auto`` turns to fit a
+wall-clock budget (``zenlm.train.budget``).
 """
 
 from __future__ import annotations
@@ -80,11 +85,12 @@ class TransformerConfig:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
 
     @classmethod
-    def preset(cls, family: str, **overrides: Any) -> "TransformerConfig":
-        """A family's architecture switches with any size fields overridden."""
-        if family not in PRESETS:
-            raise unknown_key("model preset", family, PRESETS)
-        return cls(**{**PRESETS[family], **overrides})
+    def preset(cls, family: str, size: str | int | None = None, **overrides: Any) -> "TransformerConfig":
+        """A family's switches in a size (a name from SIZES or a depth); ``overrides`` win.
+
+        Without a size the shape is the dataclass default, exactly as a recipe that names only
+        a family gets, so ``preset("llama")`` and ``model: {family: llama}`` are one model."""
+        return cls(**{**family_switches(family), **size_shape(size), **overrides})
 
 
 # The RoPE scalings zenlm computes, and the keys each needs.
@@ -93,13 +99,60 @@ ROPE_SCALING: dict[str, tuple[str, ...]] = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=True,
-                 vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
+# Architecture switches only: nothing here says how big a model is.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=True),
     "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, tie_embeddings=False,
-                  vocab_size=32000, n_layer=12, n_head=12, n_kv_head=4, d_model=768,
-                  max_seq_len=2048, rope_base=10000.0, norm_eps=1e-5),
+                  rope_base=10000.0, norm_eps=1e-5),
 }
+
+HEAD_DIM = 64  # every dial point keeps 64-wide heads, so width and head count move together
+
+
+def depth_shape(depth: int) -> dict[str, int]:
+    """The one size dial: ``depth`` blocks of width ``64 * depth``, one head per 64 channels.
+
+    Depth and width grow together (as in nanochat) so a single number spans the sizes, and
+    the aspect ratio (width / depth = 64) stays where small models train well. From four heads
+    up, keys and values are shared by pairs of heads (GQA): half the KV cache at inference for
+    no measurable loss at these sizes; below that a shared head would be most of the model's
+    attention.
+    """
+    if depth < 1:
+        raise ConfigError(f"model.size (a depth) must be at least 1, got {depth}")
+    n_head = depth
+    n_kv = n_head // 2 if n_head >= 4 and n_head % 2 == 0 else n_head
+    return dict(n_layer=depth, d_model=HEAD_DIM * depth, n_head=n_head, n_kv_head=n_kv)
+
+
+# Named points of the dial, with the context each is meant for.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {**depth_shape(4), "max_seq_len": 256},
+    "small": {**depth_shape(6), "max_seq_len": 256},
+    "base": {**depth_shape(12), "max_seq_len": 1024},
+}
+
+
+def family_switches(family: str) -> dict[str, Any]:
+    if family not in FAMILIES:
+        raise unknown_key("model family", family, FAMILIES)
+    return dict(FAMILIES[family])
+
+
+def size_shape(size: str | int | None) -> dict[str, int]:
+    """The shape fields of a size: a name from SIZES, a depth (``3`` or ``"3"``), or None (none)."""
+    if size is None:
+        return {}
+    if isinstance(size, bool):
+        raise ConfigError(f"model.size must be a name ({', '.join(SIZES)}), a depth or auto, got {size!r}")
+    if isinstance(size, int) or (isinstance(size, str) and size.strip().isdigit()):
+        return depth_shape(int(size))
+    if size == "auto":
+        raise ConfigError("model.size=auto is chosen from a wall-clock budget: set train.max_minutes "
+                          "and train through `zenlm pretrain` or `zenlm speedrun`")
+    if size not in SIZES:
+        raise unknown_key("model size", str(size), [*SIZES, "auto"])
+    return dict(SIZES[size])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,5 +280,6 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-__all__ = ["TransformerConfig", "PRESETS", "build", "parse_overrides", "merge", "to_dict",
+__all__ = ["TransformerConfig", "FAMILIES", "SIZES", "depth_shape", "family_switches",
+           "size_shape", "build", "parse_overrides", "merge", "to_dict",
            "load_yaml"]

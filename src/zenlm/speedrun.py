@@ -26,25 +26,17 @@ CODE_PROMPTS = [
 SAMPLING = dict(temperature=0.6, top_p=0.9, repetition_penalty=1.1)
 STDLIB_SKIP = {"site-packages", "__pycache__", "test", "tests", "idle_test", "encodings", "pydoc_data"}
 
-# Model sizes sized for a ~5 minute run on 2 CPU cores (and up, for users with more).
-SIZES = {
-    "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=256, max_seq_len=256),
-    "small": dict(n_layer=6, n_head=6, n_kv_head=2, d_model=384, max_seq_len=256),
-    "base": dict(n_layer=12, n_head=12, n_kv_head=4, d_model=768, max_seq_len=1024),
-}
-
-
 @dataclass
 class SpeedrunConfig:
     corpus: str | None = None  # None: the Python standard library's .py files
     name: str | None = None
     runs_dir: str = "runs"
     minutes: float = 5.0
-    size: str = "tiny"
-    vocab_size: int = 4096
+    size: str = "auto"  # auto: the depth that fits the budget, timed here; or tiny/small/base/a depth
+    vocab_size: int | None = None  # None: chosen from the budget (vocab_for)
     max_corpus_mb: float = 16.0  # a sample of the stdlib is plenty for 5 minutes
-    lr: float = 3e-3
-    batch_size: int = 16
+    lr: float | None = None  # None: the dial's (zenlm.train.budget.lr_for)
+    batch_size: int | None = None  # None: the dial's (budget.BATCH_TOKENS per step)
     dtype: str = "auto"  # bf16 autocast where the CPU has native bf16 (2x the tokens here), else fp32
     seed: int = 1337
 
@@ -83,12 +75,14 @@ def stdlib_sources(max_bytes: int) -> list[Path]:
 def speedrun(cfg: SpeedrunConfig, log=print) -> Path:
     from zenlm.data.shards import PrepareConfig, prepare
     from zenlm.data.sources import Source, find_sources
-    from zenlm.errors import ConfigError, unknown_key
+    from zenlm.config import size_shape
+    from zenlm.errors import ConfigError
+    from zenlm.train.budget import BATCH_TOKENS, CONTEXT, lr_for, vocab_for
     from zenlm.train.config import resolve
     from zenlm.train.loop import pretrain
 
-    if cfg.size not in SIZES:
-        raise unknown_key("size", cfg.size, SIZES)
+    if str(cfg.size) != "auto":
+        size_shape(cfg.size)  # an unknown name fails now, not after the tokenizer is trained
     if cfg.minutes <= 0:
         raise ConfigError("--minutes must be positive")
     t0 = time.time()
@@ -105,17 +99,31 @@ def speedrun(cfg: SpeedrunConfig, log=print) -> Path:
         sources = find_sources([cfg.corpus])
         corpus_label = cfg.corpus
     log(f"[1/4] corpus: {corpus_label}, {sum(s.size for s in sources) / 1e6:.1f} MB")
-    manifest = prepare(PrepareConfig(inputs=[], out=str(data_dir), vocab_size=cfg.vocab_size,
+    vocab = cfg.vocab_size or vocab_for(cfg.minutes)
+    if not cfg.vocab_size:
+        log(f"       vocabulary {vocab:,} for a {cfg.minutes:g}-minute budget")
+    manifest = prepare(PrepareConfig(inputs=[], out=str(data_dir), vocab_size=vocab,
                                      sources=sources), log=log)
 
-    log(f"[2/4] training a {cfg.size} Llama-style model for {cfg.minutes:g} minutes")
-    raw = {"model": {"family": "llama", **SIZES[cfg.size], "tie_embeddings": True},
-           "data": {"path": str(data_dir)},
-           "train": {"out_dir": str(run), "max_minutes": cfg.minutes, "max_steps": None,
-                     "batch_size": cfg.batch_size, "lr": cfg.lr, "warmup_frac": 0.03,
-                     "eval_every": 0, "ckpt_every": 100, "eval_batches": 40, "seed": cfg.seed,
-                     "weight_decay": 0.1, "dtype": cfg.dtype}}
-    summary = pretrain(resolve(raw), log=log)
+    log(f"[2/4] training a Llama-style model (size {cfg.size}) for {cfg.minutes:g} minutes")
+    train = {"out_dir": str(run), "max_minutes": cfg.minutes, "max_steps": None,
+             "warmup_frac": 0.03, "eval_every": 0, "ckpt_every": 100, "eval_batches": 40,
+             "seed": cfg.seed, "weight_decay": 0.1, "dtype": cfg.dtype}
+    model = {"family": "llama", "size": cfg.size, "tie_embeddings": True}
+    lr, batch = cfg.lr, cfg.batch_size
+    if str(cfg.size) != "auto":  # a fixed size takes the dial's LR and batch (auto picks its own)
+        shape = size_shape(cfg.size)
+        model.setdefault("max_seq_len", shape.get("max_seq_len", CONTEXT))  # a bare depth: CONTEXT
+        lr = lr or lr_for(shape["d_model"])
+        batch = batch or max(1, BATCH_TOKENS // model["max_seq_len"])
+    train.update({k: v for k, v in (("lr", lr), ("batch_size", batch)) if v})
+    run_cfg = resolve({"model": model, "data": {"path": str(data_dir)}, "train": train}, log=log)
+    summary = pretrain(run_cfg, log=log)
+    m = run_cfg.model
+    summary["shape"] = (f"{m.n_layer} layers x {m.d_model}, {m.n_head} heads ({m.n_kv_head} kv), "
+                        f"context {m.max_seq_len}, batch {run_cfg.train.batch_size}, "
+                        f"lr {run_cfg.train.lr:.2g}"
+                        + (f"; size auto: depth {run_cfg.auto['depth']}" if run_cfg.auto else ""))
 
     log("[3/4] sampling completions of code prompts")
     from zenlm.interop.load import load_run
@@ -143,6 +151,7 @@ def render_report(cfg: SpeedrunConfig, corpus: str, manifest: dict, summary: dic
         f"- corpus: {corpus}",
         f"- tokens in corpus: {manifest['train_tokens']:,} train / {manifest['val_tokens']:,} val "
         f"(vocabulary {manifest['vocab_size']:,}, split by {manifest['val_split']})",
+        f"- model: {summary.get('shape', '')}",
         f"- parameters: {summary['params']:,} ({summary['params_non_embedding']:,} non-embedding)",
         f"- steps: {summary['step']:,}; tokens seen: {summary['tokens']:,}",
         f"- training time: {summary['train_seconds']:.0f} s; throughput: {summary['tok_per_s']:,.0f} tokens/s "

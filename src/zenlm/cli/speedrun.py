@@ -7,7 +7,8 @@ import argparse
 
 def add_parser(sub) -> None:
     from zenlm.cli.common import add_minutes_arg
-    from zenlm.speedrun import SIZES, SpeedrunConfig
+    from zenlm.config import SIZES
+    from zenlm.speedrun import SpeedrunConfig
 
     d = SpeedrunConfig()
     p = sub.add_parser("speedrun", help="train a tokenizer and a small model end to end, then report")
@@ -16,9 +17,12 @@ def add_parser(sub) -> None:
     p.add_argument("--name", help=argparse.SUPPRESS)  # before --out: the folder's name ...
     p.add_argument("--runs-dir", help=argparse.SUPPRESS)  # ... and its parent
     add_minutes_arg(p, help=f"training budget (default {d.minutes:g})")
-    p.add_argument("--size", choices=list(SIZES), default=d.size)
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default=d.dtype,
+    p.add_argument("--size", default=d.size,
+                   help=f"auto (default: the largest depth the budget trains well, timed on this "
+                        f"machine), a depth (e.g. 3), or one of {', '.join(SIZES)}")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                   help="tokenizer size (default: chosen from the budget)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=d.dtype,
                    help="training precision (default auto: bf16 autocast where the CPU has native bf16)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=run)

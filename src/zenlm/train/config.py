@@ -69,32 +69,44 @@ class RunConfig:
     model: TransformerConfig = field(default_factory=TransformerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # What `model.size: auto` measured and chose (zenlm.train.budget); kept in config.yaml so a
+    # run says why it has its shape. Informational: resuming reads the resolved fields.
+    auto: dict[str, Any] | None = None
 
 
-def resolve(raw: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig; a model without vocab_size takes the prepared data's vocabulary."""
+def resolve(raw: dict[str, Any], *, log=print) -> RunConfig:
+    """Build a RunConfig from a recipe's sections.
+
+    ``model.family`` fills architecture switches and ``model.size`` (a name, a depth, or
+    ``auto``) fills the shape; either only where the model section does not set a field itself,
+    so what a recipe or ``--set`` states always wins. A model without vocab_size takes the
+    prepared data's vocabulary. ``size: auto`` times a few training steps on this machine and
+    picks the depth that fits ``train.max_minutes`` (see :mod:`zenlm.train.budget`).
+    """
+    from zenlm.config import family_switches, size_shape
+
     raw = merge({}, raw)
-    model = raw.setdefault("model", {}) or {}
-    raw["model"] = model
+    model = dict(raw.get("model") or {})
     family = model.pop("family", None)
+    size = model.pop("size", None)
     if family is not None:
-        from zenlm.config import PRESETS
-
-        if family not in PRESETS:
-            from zenlm.errors import unknown_key
-            raise unknown_key("model family", family, PRESETS)
-        raw["model"] = model = {**{k: v for k, v in PRESETS[family].items()
-                                   if k not in ("vocab_size", "n_layer", "n_head", "n_kv_head",
-                                                "d_model", "max_seq_len")}, **model}
+        model = {**family_switches(family), **model}
     data_path = (raw.get("data") or {}).get("path")
     if "vocab_size" not in model and data_path:
         manifest = Path(data_path) / "manifest.json"
         if manifest.is_file():
             vocab = json.loads(manifest.read_text())["vocab_size"]
             model["vocab_size"] = 64 * ((vocab + 63) // 64)  # round up: faster matmuls
+    raw["model"] = model
+    if size == "auto":
+        from zenlm.train.budget import fit_to_budget
+
+        raw = fit_to_budget(raw, log=log)
+    else:
+        raw["model"] = {**size_shape(size), **model}
     return build(RunConfig, raw)
 
 
-def load_config(recipe: str | None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(recipe: str | None, overrides: list[str] | None = None, *, log=print) -> RunConfig:
     raw = load_yaml(recipe) if recipe else {}
-    return resolve(merge(raw, parse_overrides(overrides or [])))
+    return resolve(merge(raw, parse_overrides(overrides or [])), log=log)
