@@ -156,9 +156,17 @@ def test_parameter_counts(config):
 
 
 def test_gpt2_small_shape_has_124m_parameters():
-    config = TransformerConfig.preset("gpt2")
+    """The gpt2 family's switches at GPT-2 small's size (and the recipe named for it)."""
+    from pathlib import Path
+
+    from zenlm.train.config import load_config
+
+    config = TransformerConfig.preset("gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768,
+                                      max_seq_len=1024)
     assert expected_params(config) == 124_439_808  # the published GPT-2 small count
     assert config.d_ff == 3072 and config.head_dim == 64
+    recipe = load_config(str(Path(__file__).parents[1] / "recipes" / "gpt2-124m.yaml")).model
+    assert expected_params(recipe) == 124_439_808 + (50304 - 50257) * 768  # vocab padded to 64
 
 
 def test_tied_embeddings_share_storage():
