@@ -37,7 +37,7 @@ class SpeedrunConfig:
     max_corpus_mb: float = 16.0  # a sample of the stdlib is plenty for 5 minutes
     lr: float | None = None  # None: the dial's (zenlm.train.budget.lr_for)
     batch_size: int | None = None  # None: the dial's (budget.BATCH_TOKENS per step)
-    dtype: str = "auto"  # bf16 autocast where the CPU has native bf16 (2x the tokens here), else fp32
+    dtype: str = "auto"  # bf16 autocast where the CPU has native bf16 (more tokens in the budget), else fp32
     seed: int = 1337
 
 
@@ -89,7 +89,7 @@ def speedrun(cfg: SpeedrunConfig, log=print) -> Path:
     name = cfg.name or time.strftime("speedrun-%Y%m%d-%H%M%S")
     run = Path(cfg.runs_dir) / name
     if (run / "checkpoints").exists():
-        raise ConfigError(f"{run} already exists; choose another --name")
+        raise ConfigError(f"{run} already exists; choose another --out")
     data_dir = run / "data"
     if cfg.corpus is None:
         files = stdlib_sources(int(cfg.max_corpus_mb * (1 << 20)))
