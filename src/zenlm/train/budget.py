@@ -28,23 +28,27 @@ from zenlm.config import TransformerConfig, depth_shape
 from zenlm.errors import ConfigError
 
 # The largest depth still seeing this many tokens per parameter wins; set between the ratios
-# of the winner and the loser of the calibration runs (README, "Speed and quality").
-TOKENS_PER_PARAM = 0.5
+# of the winner and the loser of 3-minute runs on an idle machine (README, "Speed and
+# quality": depth 2 saw ~10 tokens per parameter and won, depth 3 ~1.4 and lost).
+TOKENS_PER_PARAM = 4.0
 MIN_DEPTH, MAX_DEPTH = 2, 16
 CONTEXT = 128  # tokens per sequence: enough for minute-long budgets, cheap attention
 BATCH_TOKENS = 4096  # tokens per optimizer step
-BASE_LR, BASE_WIDTH = 4e-3, 192  # AdamW peak LR at width 192; wider models take lr * sqrt(192/d)
+# AdamW peak LR at width 192; others take lr * sqrt(192/d) (width 128: ~3e-3, which beat
+# ~5e-3 and 1e-2 in the 3-minute runs)
+BASE_LR, BASE_WIDTH = 2.5e-3, 192
 USABLE = 0.95  # of the budget, what training steps get (the rest: logging, the final eval)
 MEASURE_STEPS = 2  # timed steps per candidate, after one untimed (allocator and caches warm up)
 
 SHAPE_KEYS = ("n_layer", "d_model", "n_head", "n_kv_head")
 
 # The speedrun trains its own tokenizer, so it can choose the vocabulary too. A larger one packs
-# more bytes into each token, so every step sees more text for little more compute in a small
-# model; in the short runs behind the README's table 4096 beat 2048 and 768 at equal steps.
-# Longer budgets train wider models, whose embeddings are a smaller share: they get more.
+# more bytes into each token, but in a model this small its embedding and head are most of the
+# work of a step: in equal *time* (3 minutes, idle machine) 512 beat 1024, which beat 4096,
+# though at equal steps the order was the reverse. Longer budgets train wider models, whose
+# embeddings are a smaller share, so they get more (those two steps are not yet measured).
 # (budget minutes up to, vocabulary)
-VOCAB_BY_MINUTES = ((60.0, 4096), (float("inf"), 8192))
+VOCAB_BY_MINUTES = ((10.0, 512), (60.0, 4096), (float("inf"), 8192))
 
 
 def vocab_for(minutes: float) -> int:
