@@ -34,9 +34,9 @@ TOKENS_PER_PARAM = 4.0
 MIN_DEPTH, MAX_DEPTH = 2, 16
 CONTEXT = 128  # tokens per sequence: enough for minute-long budgets, cheap attention
 BATCH_TOKENS = 4096  # tokens per optimizer step
-# AdamW peak LR at width 192; others take lr * sqrt(192/d) (width 128: ~3e-3, which beat
-# ~5e-3 and 1e-2 in the 3-minute runs)
-BASE_LR, BASE_WIDTH = 2.5e-3, 192
+# AdamW peak LR at width 192; others take lr * sqrt(192/d) (width 128: ~2e-3, which beat
+# 3e-3, ~5e-3 and 1e-2 in the 3-minute runs, the first by little)
+BASE_LR, BASE_WIDTH = 1.6e-3, 192
 USABLE = 0.95  # of the budget, what training steps get (the rest: logging, the final eval)
 MEASURE_STEPS = 2  # timed steps per candidate, after one untimed (allocator and caches warm up)
 
