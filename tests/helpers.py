@@ -83,3 +83,12 @@ def quiet_transformers():
     except AttributeError:
         pass
     return transformers
+
+
+def write_addition_pairs(path):
+    """100 prompt/response pairs ("Add a and b?" -> "It is a+b.") for chat fine-tunes, as JSONL."""
+    import json
+
+    path.write_text("".join(json.dumps({"question": f"Add {a} and {b}?", "answer": f"It is {a + b}."}) + "\n"
+                            for a in range(10) for b in range(10)))
+    return path

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from helpers import run_cli
+from helpers import run_cli, write_addition_pairs
 from test_cli import assert_one_line_error
 from test_finetune import toy_rows, write_tsv
 
@@ -154,9 +154,7 @@ def test_eval_multiple_choice(tmp_path, trained_run, corpus_text):
 
 
 def test_finetune_chat_from_prompt_response_pairs(tmp_path, trained_run):
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"question": f"Add {a} and {b}?", "answer": f"It is {a + b}."}) + "\n"
-                            for a in range(10) for b in range(10)))
+    data = write_addition_pairs(tmp_path / "pairs.jsonl")
     run = tmp_path / "chat"
     p = run_cli("finetune", "chat", "--model", trained_run, "--train", data, "--prompt-field", "question",
                 "--response-field", "answer", "--out", run, "--max-steps", 8, "--method", "full",

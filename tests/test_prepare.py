@@ -4,12 +4,11 @@ adapters that survive int8."""
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 
-from helpers import run_cli
+from helpers import run_cli, write_addition_pairs
 from zenlm.errors import ConfigError
 from zenlm.infer.prepare import prepare_for_decoding
 from zenlm.infer.quantize import Int4Linear, Int8Linear, quantize_int8
@@ -124,9 +123,7 @@ def test_a_lora_fine_tune_decodes_in_int8_from_the_command_line(tmp_path, traine
     import zenlm
     from zenlm.infer import generate
 
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"question": f"Add {a} and {b}?", "answer": f"It is {a + b}."}) + "\n"
-                            for a in range(10) for b in range(10)))
+    data = write_addition_pairs(tmp_path / "pairs.jsonl")
     run = tmp_path / "chat"
     p = run_cli("finetune", "chat", "--model", trained_run, "--train", data, "--prompt-field", "question",
                 "--response-field", "answer", "--out", run, "--max-steps", 6, "--lr", "3e-2",
