@@ -406,6 +406,9 @@ def verify(log_dir: str | os.PathLike, key_path: str | os.PathLike) -> VerifyRep
             expected += 1
             continue
         report.records, report.head = expected - 1, prev
+        later = {x.rec["seq"] for x in entries[i + 1:] if x.rec is not None}
+        if e.rec is not None and e.rec["seq"] > expected and expected in later:
+            return bad(expected, f"reordered: seq {expected} comes after seq {e.rec['seq']}", e)
         nxt = entries[i + 1] if i + 1 < len(entries) else None
         if nxt is not None and _chains(key, nxt, expected, prev):
             return bad(expected, f"inserted: {e.file} line {e.line} is not part of the chain "
@@ -415,10 +418,7 @@ def verify(log_dir: str | os.PathLike, key_path: str | os.PathLike) -> VerifyRep
         seq = e.rec["seq"]
         if seq == expected:
             return bad(expected, f"edited: seq {expected} does not match its mac (a field or the mac was changed)", e)
-        later = {x.rec["seq"] for x in entries[i + 1:] if x.rec is not None}
         if seq > expected:
-            if expected in later:
-                return bad(expected, f"reordered: seq {expected} comes after seq {seq}", e)
             gap = f"seq {expected}" if seq == expected + 1 else f"seqs {expected}..{seq - 1}"
             where = ""
             n_here = int(_SEGMENT_RE.match(e.file).group(1))
