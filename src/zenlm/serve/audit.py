@@ -62,8 +62,11 @@ _FORBIDDEN = {"key", "api_key", "authorization", "secret"}  # the key id goes in
 FSYNC = ("never", "checkpoint", "always")
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical(obj: dict) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
 def record_mac(key: bytes, prev: str, body: bytes) -> str:
@@ -122,6 +125,93 @@ def _check_key_outside(log_dir: Path, key_path: Path) -> None:
         raise ConfigError(f"the audit key {key_path} must live outside the log folder {log_dir}")
 
 
+class _Guard:
+    """The thread lock, then an flock on ``.lock`` (other processes): made once, reused."""
+
+    def __init__(self, lock: threading.Lock, fd: int):
+        self.lock, self.fd = lock, fd
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        if fcntl is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc) -> None:
+        if fcntl is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self.lock.release()
+
+
+def _fsync_path(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Syncer:
+    """fsyncs a checkpoint's segment, then the checkpoint file, in a background thread: an fsync
+    can stall for tens of milliseconds, and the request that happens to cross a checkpoint
+    should not wait for the disk. The segment is synced through a duplicate of its descriptor,
+    so rotation may close the original meanwhile."""
+
+    def __init__(self, checkpoint_path: str):
+        self.path = checkpoint_path
+        self.cond = threading.Condition()
+        self.fds: list[int] = []
+        self.pending = False
+        self.busy = False
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+
+    def request(self, fd: int | None) -> None:
+        with self.cond:
+            if fd is not None:
+                self.fds.append(os.dup(fd))
+            self.pending = True
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="zenlm-audit-fsync", daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.pending and not self.stopping:
+                    self.cond.wait()
+                if not self.pending:
+                    return
+                fds, self.fds, self.pending, self.busy = self.fds, [], False, True
+            try:
+                for fd in fds:
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                _fsync_path(self.path)
+            finally:
+                with self.cond:
+                    self.busy = False
+                    self.cond.notify_all()
+
+    def drain(self) -> None:
+        with self.cond:
+            while self.pending or self.busy:
+                self.cond.wait()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+
 class AuditLog:
     def __init__(self, log_dir: str | os.PathLike, key_path: str | os.PathLike, *, checkpoint_every: int = 100,
                  checkpoint_seconds: float = 60.0, rotate_bytes: int = 16 * 2**20, record_prompts: bool = False,
@@ -136,8 +226,11 @@ class AuditLog:
         self.rotate_bytes, self.record_prompts, self.fsync, self.clock = rotate_bytes, record_prompts, fsync, clock
         self._lock = threading.Lock()
         self._lockfd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._guard = _Guard(self._lock, self._lockfd)
+        self._syncer = _Syncer(str(self.dir / CHECKPOINTS))
         self._fd: int | None = None
         self._cp_path = self.dir / CHECKPOINTS
+        self._cp_str = str(self._cp_path)
         with self._locked():
             dropped = self._sync()
             if dropped:
@@ -145,21 +238,8 @@ class AuditLog:
 
     # ---- state ----------------------------------------------------------------------------
 
-    def _locked(self):
-        log = self
-
-        class _Guard:
-            def __enter__(self):
-                log._lock.acquire()
-                if fcntl is not None:
-                    fcntl.flock(log._lockfd, fcntl.LOCK_EX)
-
-            def __exit__(self, *exc):
-                if fcntl is not None:
-                    fcntl.flock(log._lockfd, fcntl.LOCK_UN)
-                log._lock.release()
-
-        return _Guard()
+    def _locked(self) -> "_Guard":
+        return self._guard
 
     def _sync(self) -> int:
         """Read the head from disk (at start, or after another process appended). Returns the
@@ -178,6 +258,7 @@ class AuditLog:
                 rec = json.loads(line)
                 self._seq, self._head = int(rec["seq"]), rec["mac"]
                 break
+        self._set_segment(self._seg_no)
         seg = self.dir / segment_name(self._seg_no)
         self._offset = seg.stat().st_size if seg.exists() else 0
         self._cp = {"size": 0, "head": GENESIS, "time": self.clock(), "sig": GENESIS}
@@ -192,15 +273,24 @@ class AuditLog:
         return dropped
 
     def _stale(self) -> bool:
-        """Whether another process wrote since we last looked (three stats: microseconds)."""
-        seg = self.dir / segment_name(self._seg_no)
+        """Whether another process wrote since we last looked (a few stats: microseconds)."""
+        if self._fd is not None:
+            size = os.fstat(self._fd).st_size  # same inode: sees other processes' appends
+        else:
+            try:
+                size = os.stat(self._seg_str).st_size
+            except FileNotFoundError:
+                size = 0
         try:
-            size = seg.stat().st_size
+            cp = os.stat(self._cp_str).st_size
         except FileNotFoundError:
-            size = 0
-        cp = self._cp_path.stat().st_size if self._cp_path.exists() else 0
-        return (size != self._offset or cp != self._cp_bytes
-                or (self.dir / segment_name(self._seg_no + 1)).exists())
+            cp = 0
+        return size != self._offset or cp != self._cp_bytes or os.path.exists(self._next_str)
+
+    def _set_segment(self, n: int) -> None:
+        self._seg_no = n
+        self._seg_str = str(self.dir / segment_name(n))
+        self._next_str = str(self.dir / segment_name(n + 1))
 
     def _close_fd(self) -> None:
         if self._fd is not None:
@@ -244,14 +334,16 @@ class AuditLog:
     def _append_locked(self, rec: dict) -> int:
         if self._offset >= self.rotate_bytes:
             self._checkpoint_locked()
+            self._flush_to_disk()
             self._close_fd()
-            self._seg_no, self._offset = self._seg_no + 1, 0
+            self._set_segment(self._seg_no + 1)
+            self._offset = 0
         rec["seq"] = self._seq + 1
         rec["time"] = round(self.clock(), 6)
         rec["mac"] = record_mac(self._key, self._head, canonical(rec))
         line = canonical(rec) + b"\n"
         if self._fd is None:
-            self._fd = os.open(self.dir / segment_name(self._seg_no), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd = os.open(self._seg_str, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         view = memoryview(line)
         while view:
             view = view[os.write(self._fd, view):]
@@ -276,8 +368,6 @@ class AuditLog:
     def _checkpoint_locked(self) -> None:
         if self._seq == self._cp["size"]:
             return
-        if self.fsync != "never" and self._fd is not None:
-            os.fsync(self._fd)
         cp = {"size": self._seq, "head": self._head, "time": round(self.clock(), 6),
               "segment": segment_name(self._seg_no), "prev": self._cp["sig"]}
         cp["sig"] = checkpoint_sig(self._key, canonical(cp))
@@ -285,12 +375,20 @@ class AuditLog:
         fd = os.open(self._cp_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, line)
-            if self.fsync != "never":
-                os.fsync(fd)
         finally:
             os.close(fd)
         self._cp = cp
         self._cp_bytes += len(line)
+        if self.fsync != "never":
+            self._syncer.request(self._fd)
+
+    def _flush_to_disk(self) -> None:
+        """Sync now, in the caller (close, rotation, ``fsync="always"``)."""
+        if self.fsync != "never":
+            self._syncer.drain()
+            if self._fd is not None:
+                os.fsync(self._fd)
+            _fsync_path(self._cp_str)
 
     def close(self) -> None:
         """Checkpoint what is new, then close the files."""
@@ -300,7 +398,9 @@ class AuditLog:
             if self._stale():
                 self._sync()
             self._checkpoint_locked()
+            self._flush_to_disk()
             self._close_fd()
+        self._syncer.stop()
         os.close(self._lockfd)
         self._lockfd = None
 

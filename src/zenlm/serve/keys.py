@@ -222,6 +222,11 @@ class KeyStore:
                 raise
             self._db.execute("COMMIT")
 
+    def query_one(self, sql: str, params: tuple = ()):
+        """One row of a read (no write lock taken)."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchone()
+
     def _digest(self, key_id: str, secret: str) -> str:
         return hmac.new(self._secret, f"{key_id}:{secret}".encode("ascii"), hashlib.sha256).hexdigest()
 

@@ -75,9 +75,8 @@ class Limiter:
         self._reserved: dict[str, int] = defaultdict(int)
 
     def used_today(self, key_id: str) -> int:
-        with self.store.transaction() as db:
-            row = db.execute("SELECT tokens FROM usage WHERE key_id = ? AND day = ?",
-                             (key_id, utc_day(self.clock()))).fetchone()
+        row = self.store.query_one("SELECT tokens FROM usage WHERE key_id = ? AND day = ?",
+                                   (key_id, utc_day(self.clock())))
         return row[0] if row else 0
 
     def admit(self, record: KeyRecord, tokens: int = 0) -> Permit:
