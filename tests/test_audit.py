@@ -315,3 +315,48 @@ def test_deleted_checkpoint_line(written):
     del cps[1]
     write(cp_path, cps)
     bad(written, next_size, "checkpoint")
+
+
+WRITER = """
+import sys
+from zenlm.serve.audit import AuditLog
+log = AuditLog(sys.argv[1], sys.argv[2], checkpoint_every=7, rotate_bytes=6000)
+for i in range(150):
+    log.append(key_id=sys.argv[3], route="/v1/embeddings", status=200)
+log.close()
+"""
+
+
+def test_processes_append_to_one_chain_while_it_is_verified(paths, tmp_path):
+    """Two processes (a server and `zenlm keys`, say) write while a third verifies: the live
+    verifier never mistakes a write in progress for tampering, and the chain stays one."""
+    import subprocess
+    import sys
+
+    AuditLog(*paths).close()  # the key and .lock exist before the writers race
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(paths[0]), str(paths[1]), name], env=env)
+             for name in ("proc-a", "proc-b")]
+    seen = []
+    while any(p.poll() is None for p in procs):
+        report = verify(*paths)
+        assert report.ok, report
+        seen.append(report.records)
+    assert [p.wait() for p in procs] == [0, 0]
+    report = verify(*paths)
+    assert report.ok and report.records == 300, report
+    assert len(segments(paths[0])) > 1
+    by = [r["key_id"] for r in iter_records(paths[0])]
+    assert by.count("proc-a") == by.count("proc-b") == 150
+
+
+def test_checkpoints_also_come_with_time(paths):
+    clock = type("C", (), {"t": 1000.0, "__call__": lambda self: self.t})()
+    log = AuditLog(*paths, checkpoint_every=1000, checkpoint_seconds=30, clock=clock)
+    log.append(key_id="a")
+    assert log.last_checkpoint["size"] == 0
+    clock.t += 31
+    log.append(key_id="a")
+    assert log.last_checkpoint["size"] == 2 and log.last_checkpoint["head"] == log.head
+    log.close()
+    assert verify(*paths).checkpoints == 1

@@ -43,6 +43,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -431,6 +432,20 @@ def tail(log_dir: str | os.PathLike, n: int = 20) -> list[dict]:
 
 # ---- verifying ----------------------------------------------------------------------------
 
+@contextmanager
+def _shared_lock(log_dir: Path):
+    path = log_dir / ".lock"
+    if fcntl is None or not path.exists():
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
 @dataclass
 class VerifyReport:
     ok: bool
@@ -481,14 +496,30 @@ def verify(log_dir: str | os.PathLike, key_path: str | os.PathLike) -> VerifyRep
     if not log_dir.is_dir():
         raise ConfigError(f"no audit log at {log_dir}")
     key = load_secret(key_path, create=False)
-    segs = segments(log_dir)
-    report = VerifyReport(ok=True, segments=[p.name for _, p in segs])
     entries: list[_Entry] = []
-    for _, path in segs:
+
+    def read(path: Path) -> None:
         with open(path, "rb") as f:
             for i, raw in enumerate(f, 1):
                 raw = raw[:-1] if raw.endswith(b"\n") else raw
                 entries.append(_Entry(path.name, i, raw, _parse(raw)))
+
+    # Closed segments are read as they are; the live tail (the last segment and the
+    # checkpoints) under a shared lock, so a writer's half-written line or a checkpoint newer
+    # than the records read is never mistaken for tampering.
+    segs = segments(log_dir)
+    for _, path in segs[:-1]:
+        read(path)
+    done = {n for n, _ in segs[:-1]}
+    with _shared_lock(log_dir):
+        segs = segments(log_dir)
+        for n, path in segs:
+            if n not in done:
+                read(path)
+        cp_path = log_dir / CHECKPOINTS
+        cp_lines = cp_path.read_bytes().splitlines() if cp_path.exists() else []
+    entries.sort(key=lambda e: (int(_SEGMENT_RE.match(e.file).group(1)), e.line))
+    report = VerifyReport(ok=True, segments=[p.name for _, p in segs])
     seg_numbers = [n for n, _ in segs]
 
     def bad(seq, reason, e=None):
@@ -530,31 +561,28 @@ def verify(log_dir: str | os.PathLike, key_path: str | os.PathLike) -> VerifyRep
                              f"belongs", e)
     report.records, report.head = expected - 1, prev
 
-    cp_path = log_dir / CHECKPOINTS
-    if cp_path.exists():
+    if cp_lines:
         cp_prev, last_size = GENESIS, 0
-        with open(cp_path, "rb") as f:
-            for i, raw in enumerate(f, 1):
-                raw = raw.rstrip(b"\n")
-                try:
-                    cp = json.loads(raw)
-                    body = {k: v for k, v in cp.items() if k != "sig"}
-                    signed = (canonical(cp) == raw and cp.get("prev") == cp_prev
-                              and hmac.compare_digest(str(cp.get("sig")), checkpoint_sig(key, canonical(body))))
-                    size = int(cp["size"])
-                except (ValueError, TypeError, KeyError, AttributeError):
-                    signed, size = False, None
-                if not signed:
-                    return bad(size, f"checkpoint: {CHECKPOINTS} line {i} is not signed by the audit key "
-                                     f"or out of order (edited, forged or deleted)")
-                report.checkpoints += 1
-                cp_prev = cp["sig"]
-                if size < last_size:
-                    return bad(size, f"checkpoint: {CHECKPOINTS} line {i} goes backwards ({size} < {last_size})")
-                last_size = size
-                if size > report.records:
-                    return bad(report.records + 1, f"truncated: checkpoint {i} covers {size} records but the log "
-                                                   f"ends at seq {report.records}")
-                if not hmac.compare_digest(macs[size], str(cp["head"])):
-                    return bad(size, f"truncated or rewritten: seq {size} does not match the head of checkpoint {i}")
+        for i, raw in enumerate(cp_lines, 1):
+            try:
+                cp = json.loads(raw)
+                body = {k: v for k, v in cp.items() if k != "sig"}
+                signed = (canonical(cp) == raw and cp.get("prev") == cp_prev
+                          and hmac.compare_digest(str(cp.get("sig")), checkpoint_sig(key, canonical(body))))
+                size = int(cp["size"])
+            except (ValueError, TypeError, KeyError, AttributeError):
+                signed, size = False, None
+            if not signed:
+                return bad(size, f"checkpoint: {CHECKPOINTS} line {i} is not signed by the audit key "
+                                 f"or out of order (edited, forged or deleted)")
+            report.checkpoints += 1
+            cp_prev = cp["sig"]
+            if size < last_size:
+                return bad(size, f"checkpoint: {CHECKPOINTS} line {i} goes backwards ({size} < {last_size})")
+            last_size = size
+            if size > report.records:
+                return bad(report.records + 1, f"truncated: checkpoint {i} covers {size} records but the log "
+                                               f"ends at seq {report.records}")
+            if not hmac.compare_digest(macs[size], str(cp["head"])):
+                return bad(size, f"truncated or rewritten: seq {size} does not match the head of checkpoint {i}")
     return report
