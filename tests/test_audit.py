@@ -360,3 +360,15 @@ def test_checkpoints_also_come_with_time(paths):
     assert log.last_checkpoint["size"] == 2 and log.last_checkpoint["head"] == log.head
     log.close()
     assert verify(*paths).checkpoints == 1
+
+
+def test_delete_every_segment(written):
+    for _, path in segments(written[0]):
+        path.unlink()
+    report = bad(written, 1, "truncated")
+    assert report.records == 0
+
+
+def test_verify_needs_the_existing_key(written, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        verify(written[0], tmp_path / "missing.key")

@@ -32,7 +32,6 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from zenlm.errors import AuthError, ConfigError, ScopeError
 from zenlm.serve.state import load_secret, state_paths
