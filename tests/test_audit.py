@@ -372,3 +372,12 @@ def test_delete_every_segment(written):
 def test_verify_needs_the_existing_key(written, tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         verify(written[0], tmp_path / "missing.key")
+
+
+def test_a_damaged_tail_stops_the_writer_with_one_line(written):
+    path = segments(written[0])[-1][1]
+    lines = path.read_bytes().splitlines()
+    lines[-1] = b"not json"
+    write(path, lines)
+    with pytest.raises(ConfigError, match="unreadable"):
+        AuditLog(*written)

@@ -256,8 +256,12 @@ class AuditLog:
                 os.truncate(path, end)
                 dropped = size - end
             if line is not None:
-                rec = json.loads(line)
-                self._seq, self._head = int(rec["seq"]), rec["mac"]
+                try:
+                    rec = json.loads(line)
+                    self._seq, self._head = int(rec["seq"]), str(rec["mac"])
+                except (ValueError, KeyError, TypeError):
+                    raise ConfigError(f"the last record of {path} is unreadable: the log was damaged "
+                                      f"(run `zenlm audit verify`)") from None
                 break
         self._set_segment(self._seg_no)
         seg = self.dir / segment_name(self._seg_no)
@@ -266,7 +270,12 @@ class AuditLog:
         if self._cp_path.exists():
             line, _, end = _last_line(self._cp_path)
             if line is not None:
-                self._cp = json.loads(line)
+                try:
+                    self._cp = json.loads(line)
+                    int(self._cp["size"]), str(self._cp["sig"]), float(self._cp["time"])
+                except (ValueError, KeyError, TypeError):
+                    raise ConfigError(f"the last checkpoint in {self._cp_path} is unreadable: it was damaged "
+                                      f"(run `zenlm audit verify`)") from None
             cp_size = self._cp_path.stat().st_size
             if end < cp_size:
                 os.truncate(self._cp_path, end)
