@@ -233,10 +233,19 @@ class Sealer:
         self._index += 1
 
     def write(self, data: bytes) -> int:
-        self._buf += data
-        while len(self._buf) >= self._chunk:  # a full chunk is never the final one
-            self._emit(bytes(self._buf[:self._chunk]), False)
-            del self._buf[:self._chunk]
+        view = memoryview(data).cast("B")
+        if self._buf:  # top up the chunk in waiting first
+            take = self._chunk - len(self._buf)
+            self._buf += view[:take]
+            view = view[take:]
+            if len(self._buf) < self._chunk:
+                return len(data)
+            self._emit(bytes(self._buf), False)
+            self._buf.clear()
+        while len(view) >= self._chunk:  # a full chunk is never the final one
+            self._emit(view[:self._chunk], False)
+            view = view[self._chunk:]
+        self._buf += view
         return len(data)
 
     def close(self) -> None:
