@@ -178,3 +178,28 @@ def test_the_hf_export_carries_the_lineage_and_a_readme(trained_run, loaded, tmp
     assert readme.startswith("---\n") and str(trained_run) in readme
     assert f"{src['steps']} steps" in readme and "not trained with differential privacy" in readme
     assert src["data"][0]["files"]["train.bin"][:16] in readme
+
+
+def test_a_finetune_card_names_its_parent_and_data(tmp_path, trained_run, own_home):
+    from zenlm.train.finetune import finetune, resolve_finetune
+
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\n" + "".join(f"{w} value {i}\t{w}\n" for i in range(40)
+                                                  for w in ("return", "import")))
+    cfg = resolve_finetune({"task": "classify", "base": str(trained_run),
+                            "data": {"train": str(train), "text_col": "sentence"},
+                            "train": {"out_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 8,
+                                      "progress": False, "device": "cpu"}})
+    finetune(cfg, zenlm.load(str(trained_run)), log=quiet)
+    card = lc.read_card(tmp_path / "run")
+    assert card["kind"] == "classify" and card["steps"] == 2
+    assert card["parent"]["model"] == str(trained_run)
+    assert card["parent"]["sha256"] == lc.tree_sha256(trained_run)
+    assert card["parent"]["card_signature"] == lc.read_card(trained_run)["signature"]["value"]
+    assert card["data"][0]["files"] == {"train.tsv": sha256_file(train)}
+    assert "adapter/adapter_model.safetensors" in card["files"]
+    res = lc.verify_card(tmp_path / "run")
+    assert res["parent"] == "checked" and str(train) in res["data_checked"]
+    train.write_text(train.read_text().replace("return value 3", "return value 4"))
+    with pytest.raises(CardError, match="train.tsv does not match the card"):
+        lc.verify_card(tmp_path / "run")

@@ -331,3 +331,28 @@ def test_cli_encrypt_decrypt_and_generate_with_key_file(tmp_path, trained_run):
     r = run_cli("decrypt", sealed, "--key-file", key_file, "--out", tmp_path / "plain")
     assert r.returncode == 0, r.stderr
     assert _tree(tmp_path / "plain") == _tree(trained_run)
+
+
+def test_a_lora_run_with_sealed_checkpoints_writes_no_plaintext_adapter(tmp_path, trained_run, loaded):
+    from zenlm.train.finetune import finetune, resolve_finetune
+
+    key_file = tmp_path / "ft.key"
+    crypt.new_key_file(key_file)
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\n" + "".join(f"{w} value {i}\t{w}\n" for i in range(40)
+                                                  for w in ("return", "import")))
+    cfg = resolve_finetune({"task": "classify", "base": str(trained_run),
+                            "data": {"train": str(train), "text_col": "sentence"},
+                            "train": {"out_dir": str(tmp_path / "run"), "max_steps": 3, "batch_size": 8,
+                                      "progress": False, "device": "cpu",
+                                      "encrypt_key_file": str(key_file)}})
+    finetune(cfg, zenlm.load(str(trained_run)), log=quiet)
+    run = tmp_path / "run"
+    assert not (run / "adapter").exists()
+    ckpt = latest_checkpoint(run)
+    assert all(p.name.endswith(".zenc") for p in ckpt.iterdir())
+    assert not any(b"lora" in p.read_bytes() for p in ckpt.iterdir())
+    with pytest.raises(CheckpointError, match="is encrypted"):
+        zenlm.load(str(run))
+    lm = zenlm.load(str(run), key_file=str(key_file))
+    assert lm.step == 3 and lm.model.labels == ["import", "return"]
