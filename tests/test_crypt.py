@@ -331,6 +331,8 @@ def test_cli_encrypt_decrypt_and_generate_with_key_file(tmp_path, trained_run):
     r = run_cli("decrypt", sealed, "--key-file", key_file, "--out", tmp_path / "plain")
     assert r.returncode == 0, r.stderr
     assert _tree(tmp_path / "plain") == _tree(trained_run)
+    r = run_cli("decrypt", sealed, "--key-file", key_file, "--out", tmp_path / "plain")
+    assert r.returncode == 2 and "already exists" in r.stderr  # never replaces a folder
 
 
 def test_a_lora_run_with_sealed_checkpoints_writes_no_plaintext_adapter(tmp_path, trained_run, loaded):

@@ -52,6 +52,7 @@ KDF_NAMES = {KDF_RAW: "raw key", KDF_SCRYPT: "passphrase (scrypt)"}
 CHUNK_LOG2 = 16  # 64 KiB of plaintext per chunk
 TAG = 16
 SCRYPT = (15, 8, 1)  # log2 n, r, p: 32 MiB and a fraction of a second per derivation
+SCRYPT_MAX_MEMORY = 1 << 30  # what a header may ask scrypt for (128 * r * n bytes)
 _HEADER = struct.Struct(">8sBBBBBB16s16s8s16s16s")
 HEADER_SIZE = _HEADER.size
 _LEN = struct.Struct(">I")
@@ -271,7 +272,9 @@ def read_header(src: BinaryIO, name: str) -> dict:
         raise CryptError(f"{name} has a corrupt header (unknown key derivation {kdf})")
     if not 10 <= chunk_log2 <= 24:
         raise CryptError(f"{name} has a corrupt header (chunk size 2^{chunk_log2})")
-    if kdf == KDF_SCRYPT and not (10 <= log2n <= 22 and 1 <= r <= 32 and 1 <= p <= 16):
+    # bounded before deriving anything: a forged header must not make scrypt take the memory
+    if kdf == KDF_SCRYPT and not (10 <= log2n <= 22 and 1 <= r <= 32 and 1 <= p <= 16
+                                  and 128 * r << log2n <= SCRYPT_MAX_MEMORY):
         raise CryptError(f"{name} has a corrupt header (scrypt n=2^{log2n}, r={r}, p={p})")
     return {"raw": raw, "kdf": kdf, "kdf_name": KDF_NAMES[kdf], "scrypt": (log2n, r, p),
             "salt": salt, "chunk_log2": chunk_log2, "file_id": file_id, "prefix": prefix,
@@ -330,7 +333,7 @@ def _diagnose(aes, prefix: bytes, header: bytes, ct: bytes, index: int, final: b
     Only runs on the error path, trying the other positions a moved chunk could come from."""
     from cryptography.exceptions import InvalidTag
 
-    for j in range(min(max(2 * index + 2, 64), 1 << 16)):
+    for j in range(max(0, index - 4096), index + 4096):
         if j == index:
             continue
         try:

@@ -51,6 +51,17 @@ def _key(args, *, confirm: bool):
     return resolve_key(args.key_file)
 
 
+def _fresh_out(out: str) -> None:
+    """--out must be new: replacing a folder (or file) the user named by mistake loses it."""
+    from pathlib import Path
+
+    from zenlm.errors import CryptError
+
+    p = Path(out)
+    if p.is_file() or (p.is_dir() and any(p.iterdir())):
+        raise CryptError(f"--out {out} already exists; choose a new path (or remove it first)")
+
+
 def run_encrypt(args) -> int:
     from pathlib import Path
 
@@ -60,6 +71,7 @@ def run_encrypt(args) -> int:
     src = Path(args.path)
     if not src.exists():
         raise CryptError(f"not found: {src}")
+    _fresh_out(args.out)
     key = _key(args, confirm=True)
     if src.is_dir():
         res = encrypt_folder(src, args.out, key)
@@ -76,6 +88,7 @@ def run_decrypt(args) -> int:
     from zenlm.crypt import decrypt_file, decrypt_folder, is_sealed_folder
 
     src = Path(args.path)
+    _fresh_out(args.out)
     key = _key(args, confirm=False)
     if src.is_dir() or is_sealed_folder(src):
         res = decrypt_folder(src, args.out, key)
