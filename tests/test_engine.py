@@ -144,6 +144,25 @@ def test_smollm2_greedy_alone_equals_batched(smollm2):
         engine.shutdown(1)
 
 
+def test_new_requests_prefill_together_and_decode_in_one_forward(random_model, tokenizer):
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0)
+    engine = Engine(random_model, tokenizer, max_batch=4)
+    forwards = []
+    hook = random_model.blocks[0].register_forward_hook(lambda mod, args, out: forwards.append(tuple(args[0].shape[:2])))
+    try:
+        handles = [engine.submit(Request(ids_of(tokenizer, p), cfg)) for p in CODE]
+        engine.step()  # one prefill forward for all four prompts, one decode forward
+        assert all(len(h._events) == 2 for h in handles)
+        widths = {len(ids_of(tokenizer, p)) for p in CODE}
+        assert forwards == [(4, max(widths)), (4, 1)]
+        engine.step()
+        assert forwards[-1] == (4, 1)
+    finally:
+        hook.remove()
+    drain(engine, handles)
+    assert [h.text() for h in handles] == [generate(random_model, tokenizer, p, cfg) for p in CODE]
+
+
 # --- per-request sampling ----------------------------------------------------------------------
 def test_seeded_requests_give_the_same_text_alone_and_batched(random_model, tokenizer):
     configs = [SamplingConfig(max_new_tokens=25, temperature=0.9, top_k=40, seed=1),

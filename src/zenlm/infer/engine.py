@@ -36,7 +36,7 @@ from uuid import uuid4
 
 import torch
 
-from zenlm.errors import ZenlmError
+from zenlm.errors import PromptTooLongError, ZenlmError
 from zenlm.infer.generate import RowText, decode_rows, encode_prompt, prefill_row
 from zenlm.infer.sampling import SamplingConfig, sample_next
 
@@ -213,7 +213,7 @@ class Engine:
         self._forward = getattr(self.body, "decode_forward", self.body)  # see compile_decoding
         self._rows: list[_Row | None] = [None] * max_batch
         self._tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each slot's KV holds
-        self._prefilling: _Row | None = None
+        self._prefilling: list[_Row] = []  # rows in a slot whose prompt is not all in the cache
         self._queue: deque[Handle] = deque()
         self._calls: deque = deque()
         self._lock = threading.Condition()
@@ -292,9 +292,9 @@ class Engine:
         """Each prompt token's logprob given the ones before it (the first: None), with the
         ``top`` likeliest alternatives at each position: echo scoring (lm-eval's loglikelihood)."""
         ids = list(ids)
+        if not ids:
+            return []
         if len(ids) > self.body.config.max_seq_len:
-            from zenlm.errors import PromptTooLongError
-
             raise PromptTooLongError(f"the prompt is {len(ids)} tokens; the model's context is "
                                      f"{self.body.config.max_seq_len} tokens")
         return self.call(_score_prompt, ids, top).result()
@@ -349,12 +349,7 @@ class Engine:
                 fut, fn, args, kwargs = self._calls.popleft()
             self._run_call(fut, fn, args, kwargs)
         self._reap()
-        budget = self.prefill_chunk
-        while budget > 0:
-            row = self._prefilling or self._admit()
-            if row is None:
-                break
-            budget -= self._prefill(row, budget)
+        self._prefill()
         self._decode()
 
     def _run_call(self, fut, fn, args, kwargs) -> None:
@@ -392,26 +387,37 @@ class Engine:
         self.finished[reason] = self.finished.get(reason, 0) + 1
         handle._push(TokenEvent(token, text, finish_reason=reason, time=time.monotonic()))
 
-    def _admit(self) -> _Row | None:
-        """The next queued request into a slot, reusing the longest cached prefix of its prompt."""
+    def _admit(self, batch: list) -> _Row | None:
+        """The next queued request into a slot, reusing the longest cached prefix of its prompt.
+
+        A request that shares more of its prompt with a row prefilled in this very step than
+        with anything cached waits one step, and then copies that row's keys instead of
+        recomputing them (a burst of requests with one system prompt)."""
         free = [s for s, r in enumerate(self._rows) if r is None]
         if not free:
             return None
         with self._lock:
             if not self._queue:
                 return None
-            handle = self._queue.popleft()
+            handle = self._queue[0]
         prompt = handle.request.prompt_ids
         best, best_n = None, 0
         for s in range(self.max_batch):
             n = _common_prefix(self._tokens[s], prompt, min(self.cache.lengths[s], len(prompt) - 1))
             if n > best_n:
                 best, best_n = s, n
+        pending = max((_common_prefix(row.prompt, prompt, len(prompt) - 1) for row, _, _ in batch), default=0)
+        if pending >= self.reuse_min and pending > best_n:
+            return None
+        with self._lock:
+            if not self._queue or self._queue[0] is not handle:  # cancelled meanwhile
+                return None
+            self._queue.popleft()
         if best_n < self.reuse_min:
             best, best_n = None, 0
         slot = best if best is not None and self._rows[best] is None else free[0]
         if best is not None and best != slot:
-            self.cache.copy_prefix(best, slot, best_n)
+            self.cache.copy_rows(self.cache, best, slot, 0, best_n)
         self.cache.lengths[slot] = best_n
         row = _Row(handle, self.tokenizer, min(handle.request.sampling.max_new_tokens,
                                                self.max_len - len(prompt)))
@@ -420,23 +426,68 @@ class Engine:
         self._tokens[slot] = row.seq
         handle.reused_tokens = best_n
         self.reused_tokens_total += best_n
-        self._prefilling = row
+        self._prefilling.append(row)
         return row
 
     def _ensure(self, end: int) -> None:
         if end > self.cache.max_len:
             self.cache.grow(min(self.max_len, max(end, 2 * self.cache.max_len)))
 
-    def _prefill(self, row: _Row, budget: int) -> int:
-        start = self.cache.lengths[row.slot]
-        n = min(budget, len(row.prompt) - start)
-        self._ensure(start + n)
-        logits = prefill_row(self.body, self.cache, row.slot, row.prompt[:start + n], start)
-        self.prefill_tokens_total += n
-        if self.cache.lengths[row.slot] == len(row.prompt):
-            self._prefilling = None
-            self._choose([row], logits)
-        return n
+    def _prefill(self) -> None:
+        """Up to ``prefill_chunk`` prompt tokens: the rows already prefilling first (oldest
+        first), then new requests while slots are free; all of them in one forward."""
+        budget, batch = self.prefill_chunk, []
+        for row in self._prefilling:
+            if budget == 0:
+                break
+            start = self.cache.lengths[row.slot]
+            n = min(budget, len(row.prompt) - start)
+            batch.append((row, start, n))
+            budget -= n
+        while budget > 0:
+            row = self._admit(batch)
+            if row is None:
+                break
+            start = self.cache.lengths[row.slot]
+            n = min(budget, len(row.prompt) - start)
+            batch.append((row, start, n))
+            budget -= n
+        if not batch:
+            return
+        self._ensure(max(start + n for _, start, n in batch))
+        if len(batch) == 1 or max(start for _, start, _ in batch) + max(n for _, _, n in batch) > self.max_len:
+            # straight into the slots (padding to one width would run past the context)
+            logits = torch.cat([prefill_row(self.body, self.cache, row.slot, row.prompt[:start + n], start)
+                                for row, start, n in batch])
+        else:
+            logits = self._prefill_together(batch)
+        self.prefill_tokens_total += sum(n for _, _, n in batch)
+        done = [(row, i) for i, (row, _, _) in enumerate(batch) if self.cache.lengths[row.slot] == len(row.prompt)]
+        for row, _ in done:
+            self._prefilling.remove(row)
+        if done:
+            self._choose([row for row, _ in done], logits[[i for _, i in done]])
+
+    def _prefill_together(self, batch: list) -> torch.Tensor:
+        """Several rows' prompt chunks in one forward, whatever their slots: the rows are
+        gathered into a small cache of their own (right-padded to the longest chunk; padding
+        lands past each row's length, where nothing reads), then their new positions are copied
+        back. Copying keys is cheap next to a forward per row. Last-token logits (k, V)."""
+        width = max(n for _, _, n in batch)
+        stage = self.body.new_cache(len(batch), max(start for _, start, _ in batch) + width, per_row=True)
+        tokens = torch.zeros(len(batch), width, dtype=torch.long, device=self.device)
+        for j, (row, start, n) in enumerate(batch):
+            if start:
+                stage.copy_rows(self.cache, row.slot, j, 0, start)
+            tokens[j, :n] = torch.tensor(row.prompt[start:start + n])
+        stage.lengths = [start for _, start, _ in batch]
+        h = self.body.hidden_states(tokens, stage)
+        last = torch.tensor([n - 1 for _, _, n in batch], device=self.device)
+        logits = self.body.logits(h[torch.arange(len(batch), device=self.device), last])
+        for j, (row, start, n) in enumerate(batch):
+            self.cache.copy_rows(stage, j, row.slot, start, n)
+            self.cache.lengths[row.slot] = start + n
+        return logits
 
     def _decode(self) -> None:
         slots = [s for s, r in enumerate(self._rows) if r is not None and r.pending is not None]
@@ -510,8 +561,8 @@ class Engine:
     def _release(self, row: _Row) -> None:
         """Free the slot; its KV (and ``_tokens``) stay for a later prompt with the same prefix."""
         self._rows[row.slot] = None
-        if self._prefilling is row:
-            self._prefilling = None
+        if row in self._prefilling:
+            self._prefilling.remove(row)
 
     def _free(self, row: _Row, reason: str) -> None:
         self._release(row)

@@ -125,12 +125,13 @@ class KVCache:
         if self.lengths is not None:
             self.lengths = [0] * len(self.lengths)
 
-    def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        """Per-row mode: row ``dst`` starts with the first ``n`` positions of row ``src``
-        (a shared prompt prefix: copying its keys is far cheaper than recomputing them)."""
-        for keys, values in self.layers:
-            keys[dst].narrow(1, 0, n).copy_(keys[src].narrow(1, 0, n))
-            values[dst].narrow(1, 0, n).copy_(values[src].narrow(1, 0, n))
+    def copy_rows(self, src: "KVCache", src_row: int, dst_row: int, start: int, n: int) -> None:
+        """Positions ``start .. start+n`` of ``src``'s row ``src_row`` into this cache's row
+        ``dst_row`` (``src`` may be this cache): a shared prompt prefix, or rows prefilled
+        together elsewhere. Copying keys is far cheaper than recomputing them."""
+        for (keys, values), (k, v) in zip(self.layers, src.layers):
+            keys[dst_row].narrow(1, start, n).copy_(k[src_row].narrow(1, start, n))
+            values[dst_row].narrow(1, start, n).copy_(v[src_row].narrow(1, start, n))
 
     def grow(self, max_len: int) -> None:
         """Per-row mode: room for ``max_len`` positions, keeping what is stored. A rare copy
