@@ -70,7 +70,7 @@ def main() -> None:
     prepare_for_decoding(lm.model, quantize=args.quantize)
     engine = Engine(lm.model, lm.tokenizer, max_batch=max(args.clients), max_len=1024)
     engine.start()
-    run(engine, lm.tokenizer, 1, 4, 0)  # warm-up
+    run(engine, lm.tokenizer, max(args.clients), 4, 0)  # warm-up: first batched shapes are slow
     rows = [run(engine, lm.tokenizer, n, args.tokens, args.stagger) for n in args.clients]
     engine.shutdown(5)
     result = {"model": args.model, "quantize": args.quantize, "threads": torch.get_num_threads(), "rows": rows}
