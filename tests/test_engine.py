@@ -391,7 +391,7 @@ def test_threaded_engine_cancel_shutdown_and_asyncio(random_model, tokenizer):
         return orig(*a, **k)
 
     slow.forward = slowed
-    engine2.shutdown(grace=0.5)
+    engine2.shutdown(grace=1.0)
     with pytest.raises(EngineStopped):
         engine2.submit(Request(ids, SamplingConfig()))
     assert short.finish_reason == "length"
