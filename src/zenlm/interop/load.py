@@ -151,8 +151,11 @@ def load(path_or_id: str | os.PathLike, *, device: str = "cpu", dtype=None,
 def embedder(model: Any = "minilm", *, dtype: str = "fp32", device: str = "cpu"):
     """A ready ``zenlm.infer.embed.Embedder`` for a model name or path (cached: the same
     name and dtype load once per process), or for a :class:`LoadedModel`."""
-    if isinstance(model, LoadedModel):
-        return _make_embedder(model, dtype)
+    if isinstance(model, LoadedModel):  # a copy: fusing and quantizing would change the caller's
+        import copy
+
+        return _make_embedder(LoadedModel(
+            copy.deepcopy(model.model), model.tokenizer, model.source, model.step, model.embedding), dtype)
     return _cached_embedder(str(model), dtype, device)
 
 
