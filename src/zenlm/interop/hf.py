@@ -291,6 +291,10 @@ def _as_sequence_classifier(classifier, hf_config: dict, state: dict, specials: 
     the pad token, which is zenlm's ``last`` pooling when padding uses ``pad_token_id``."""
     from zenlm.errors import UnsupportedArchitectureError
 
+    if not classifier.config.causal:
+        raise UnsupportedArchitectureError(
+            "exporting an encoder's classifier as a Hugging Face sequence classifier is not "
+            "supported yet (BERT's reads its pooler); export the backbone, or use the run itself")
     if classifier.head.pooling != "last":
         raise UnsupportedArchitectureError(
             f"Hugging Face sequence classifiers pool the last token; this one pools "
