@@ -6,7 +6,8 @@ to a batch (few calls). Rows come back in the caller's order.
 
 How a model pools is part of the model: a sentence-transformers folder says it in
 ``1_Pooling/config.json`` (all-MiniLM-L6-v2: the mean over real tokens, then normalised),
-a plain encoder gets its ``[CLS]`` state. :class:`EmbedSpec` carries that choice, read by the
+a plain Hugging Face encoder gets its ``[CLS]`` state, and an encoder zenlm pretrained (its
+tokenizer has no ``[CLS]``) the mean. :class:`EmbedSpec` carries that choice, read by the
 loader (``zenlm.interop.hf.embedding_spec``).
 
 ``dtype="int8"``: every projection of the blocks as a dynamically quantized int8 product
