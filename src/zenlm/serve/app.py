@@ -20,10 +20,14 @@ from typing import Any
 from urllib.parse import parse_qs
 from uuid import uuid4
 
+from fastapi import Request
+
 from zenlm.serve import metrics as prom
 from zenlm.serve.generation import Choice, Generation
 from zenlm.serve.guard import COOKIE, Guard
 from zenlm.serve.openai_errors import ApiError, error_response, from_exception
+# FastAPI reads the routes' annotations from this module's globals: the body models live here
+from zenlm.serve.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
 
 PAGE_DIR = Path(__file__).parent / "page"
 PAGE_FILES = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
@@ -244,13 +248,13 @@ def _requests(st: ServerState, prompts: list[list[int]], body, max_new: int, sto
               logprobs: int | None):
     """One engine request per (prompt, choice); choice i of a seeded request uses seed + i, so n
     choices differ and the same request repeats."""
-    from zenlm.infer.engine import Request
+    from zenlm.infer.engine import Request as EngineRequest
 
     out = []
     for ids in prompts:
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
-            out.append(Request(prompt_ids=list(ids), sampling=_sampling(body, max_new, stop, seed),
+            out.append(EngineRequest(prompt_ids=list(ids), sampling=_sampling(body, max_new, stop, seed),
                                logprobs=logprobs))
     return out
 
@@ -324,11 +328,7 @@ async def _prompt_logprobs(st: ServerState, ids: list[int], top: int):
 
 # --- the routes ---------------------------------------------------------------------------------
 def _install_routes(app, st: ServerState) -> None:
-    from fastapi import Request
     from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
-
-    from zenlm.serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
-                                     TokenizeRequest)
 
     tok = st.tokenizer
 

@@ -27,7 +27,7 @@ class _Sampling(_Body):
     repetition_penalty: float = Field(1.0, gt=0.0)  # extra field
     n: int = Field(1, ge=1, le=16)
     seed: int | None = None
-    stop: Stop = None
+    stop: Stop = Field(None, validate_default=True)
     stream: bool = False
     stream_options: dict | None = None
 
