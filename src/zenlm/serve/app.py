@@ -58,9 +58,9 @@ class Metrics:
         r.add(prom.Gauge("zenlm_audit_head_info", "the audit log's chain head (HMAC of its last record)",
                          lambda: {(str(state.audit.head),): 1}, labels=("head",)))
         r.add(prom.Gauge("zenlm_audit_checkpoint_size", "records covered by the last signed checkpoint",
-                         lambda: state.checkpoint.get("size", 0)))
+                         lambda: state.last_checkpoint().get("size", 0)))
         r.add(prom.Gauge("zenlm_audit_checkpoint_info", "the last signed checkpoint's head",
-                         lambda: {(str(state.checkpoint.get("head", "")),): 1}, labels=("head",)))
+                         lambda: {(str(state.last_checkpoint().get("head", "")),): 1}, labels=("head",)))
         r.add(prom.Gauge("zenlm_draining", "1 once shutdown began (new requests get 503)",
                          lambda: int(state.draining)))
 
@@ -87,6 +87,10 @@ class ServerState:
     checkpoint: dict = field(default_factory=dict)
     eot_stop: str | None = None
     metrics: Metrics | None = None
+
+    def last_checkpoint(self) -> dict:
+        """The audit log's latest signed checkpoint (size and head)."""
+        return getattr(self.audit, "last_checkpoint", None) or self.checkpoint
 
     @property
     def tokenizer(self):
