@@ -47,6 +47,43 @@ class PromptTooLongError(PromptError):
     """A prompt that does not fit in the model's context."""
 
 
+class AccessError(ZenlmError):
+    """A request the server refuses: ``status`` is its HTTP status, ``code`` OpenAI's error code."""
+
+    status = 400
+    code = "invalid_request_error"
+    type = "invalid_request_error"
+
+
+class AuthError(AccessError):
+    """A missing, malformed, unknown, wrong, revoked or expired API key."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
+class ScopeError(AccessError):
+    """A valid key without the scope the route needs."""
+
+    status = 403
+    code = "insufficient_scope"
+    type = "permission_error"
+
+
+class RateLimited(AccessError):
+    """A key over its rate, daily token quota or concurrency; ``retry_after`` (whole seconds,
+    at least 1) is what the server sends as Retry-After, ``limit`` names which limit it hit."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after: float = 1, limit: str = "rate"):
+        super().__init__(message)
+        self.retry_after = max(1, int(-(-retry_after // 1)))  # ceil: never tell a client to retry early
+        self.limit = limit
+
+
 def unknown_key(kind: str, key: str, valid: Iterable[str]) -> ConfigError:
     """Name the key that is wrong and the nearest one that would be right."""
     valid = sorted(valid)

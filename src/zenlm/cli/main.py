@@ -19,6 +19,8 @@ COMMANDS = {
     "chat": "zenlm.cli.chat",
     "finetune": "zenlm.cli.finetune",
     "predict": "zenlm.cli.predict",
+    "keys": "zenlm.cli.keys",
+    "audit": "zenlm.cli.audit",
     "serve": "zenlm.cli.serve",
 }
 
