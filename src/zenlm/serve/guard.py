@@ -44,12 +44,13 @@ def route_of(path: str) -> str:
 
 
 def presented_key(scope) -> str | None:
-    """``Authorization: Bearer KEY``; else, for the chat page, the key cookie it logged in with."""
+    """``Authorization: Bearer KEY`` (a malformed header is a 401); else, for the chat page, the
+    key cookie it logged in with."""
+    from zenlm.serve.access import bearer
+
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-    auth = headers.get("authorization", "")
-    if auth:
-        kind, _, value = auth.partition(" ")
-        return value.strip() if kind.lower() == "bearer" else auth  # anything else: a malformed key
+    if "authorization" in headers:
+        return bearer(headers["authorization"])
     cookie = headers.get("cookie", "")
     if cookie and (scope["method"] in ("GET", "HEAD") or PAGE_HEADER in headers):
         for part in cookie.split(";"):
