@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from zenlm.cli.common import add_decoding_args, add_model_arg
+from zenlm.cli.keys import add_state_arg
 
 
 def add_parser(sub) -> None:
@@ -14,8 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default loopback; any other needs a key to exist)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--state", default="zenlm-state", metavar="DIR",
-                   help="keys, server secret and audit log (the same --state as `zenlm keys`)")
+    add_state_arg(p)  # keys, server secret and audit log: the same folder as `zenlm keys`
     p.add_argument("--name", help="the model name clients use (default: the model's folder or file name)")
     p.add_argument("--max-batch", type=int, default=16, help="rows in the running decode batch")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond it (then 503)")

@@ -144,6 +144,7 @@ def create_app(loaded, *, state_dir: str | Path, engine=None, max_batch: int = 1
     from zenlm.serve.audit import AuditLog
     from zenlm.serve.keys import KeyStore
     from zenlm.serve.limits import Limiter
+    from zenlm.serve.state import state_paths
 
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +157,7 @@ def create_app(loaded, *, state_dir: str | Path, engine=None, max_batch: int = 1
     tok = loaded.tokenizer
     eot = end_of_turn(tok) if tok is not None and tok.chat_template else None
     st = ServerState(loaded=loaded, engine=engine, keys=keys, limiter=Limiter(keys),
-                     audit=AuditLog(state_dir / "audit", state_dir / "audit.key",
+                     audit=AuditLog(state_paths(state_dir).audit_dir, state_paths(state_dir).audit_key,
                                     checkpoint_every=checkpoint_every, record_prompts=audit_prompts),
                      model_name=model_name or default_model_name(getattr(loaded, "source", "model")),
                      grace=grace, eot_stop=eot if eot and eot != tok.eot else None)
