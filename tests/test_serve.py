@@ -31,6 +31,7 @@ def served(tmp_path_factory):
         "emb": store.create("emb", ["embed"])[0],
         "admin": store.create("admin", ["admin"])[0],
         "rate": store.create("rate", ["generate"], rate="2/min")[0],
+        "quota": store.create("quota", ["generate"], tokens="20/day")[0],
     }
     revoked, rec = store.create("revoked", ["generate"])
     store.revoke(rec.id)
@@ -324,3 +325,35 @@ def test_refuses_a_public_address_without_keys(tmp_path, capsys):
 
     assert main(["serve", "--model", "smollm2", "--host", "0.0.0.0", "--state", str(tmp_path / "s")]) == 2
     assert "refusing to listen on 0.0.0.0" in capsys.readouterr().err
+
+
+def test_tokens_are_charged_after_completion(served):
+    """A daily token quota: a request is admitted while the quota is not spent, its prompt +
+    completion tokens are charged once it ends (here past the quota),
+    and the next request over the quota is a 429 with Retry-After."""
+    store = served.state.keys
+    key_id = next(r.id for r in store.list() if r.name == "quota")
+    c = client(served, "quota")
+    r = c.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=20, temperature=0)
+    assert served.state.limiter.used_today(key_id) == r.usage.total_tokens
+    with pytest.raises(openai.RateLimitError) as e:
+        c.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=20, temperature=0)
+    assert e.value.body["code"] == "rate_limit_exceeded"
+    assert int(e.value.response.headers["retry-after"]) >= 1
+
+
+def test_page_cookie_counts_on_a_post_only_with_the_page_header(served):
+    cookie = {"Cookie": f"zenlm_key={served.keys['gen']}", "Content-Type": "application/json"}
+    body = json.dumps({"model": "smollm2", "prompt": "hi", "max_tokens": 1})
+
+    def req(method, path, headers, data=None):
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
+        conn.request(method, path, body=data, headers=headers)
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        return r.status
+
+    assert req("GET", "/v1/models", cookie) == 200
+    assert req("POST", "/v1/completions", cookie, body) == 401  # a cross-site form could send this
+    assert req("POST", "/v1/completions", {**cookie, "X-Zenlm-Page": "1"}, body) == 200
