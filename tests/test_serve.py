@@ -293,6 +293,7 @@ def test_metrics_and_audit(served):
     from zenlm.serve.audit import verify
 
     client(served).completions.create(model="smollm2", prompt="Hi", max_tokens=3, temperature=0)
+    assert get(served.url + "/v1/models", "zk_bad")[0] == 401
     status, headers, body = get(served.url + "/metrics", served.keys["admin"])
     text = body.decode()
     assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")

@@ -61,6 +61,9 @@ class Metrics:
                          lambda: state.last_checkpoint().get("size", 0)))
         r.add(prom.Gauge("zenlm_audit_checkpoint_info", "the last signed checkpoint's head",
                          lambda: {(str(state.last_checkpoint().get("head", "")),): 1}, labels=("head",)))
+        r.add(prom.Gauge("zenlm_engine_stat", "the engine's own counters (steps, prefix tokens reused...)",
+                         lambda: {(k,): v for k, v in (getattr(state.engine, "stats", None) or {}).items()
+                                  if isinstance(v, (int, float))}, labels=("name",)))
         r.add(prom.Gauge("zenlm_draining", "1 once shutdown began (new requests get 503)",
                          lambda: int(state.draining)))
 
