@@ -416,6 +416,7 @@ def _install_routes(app, st: ServerState) -> None:
         else:
             gen = Generation(st.engine, _requests(st, prompts, body, max_new, body.stop, k),
                              on_token=st.metrics.on_token, t0=ctx["t0"])
+            ctx["generations"].append(gen)
 
         def choice_json(c: Choice) -> dict:
             etext, elp = echo_of(c.index)
@@ -500,6 +501,7 @@ def _install_routes(app, st: ServerState) -> None:
         cid, created = f"chatcmpl-{uuid4().hex}", int(time.time())
         gen = Generation(st.engine, _requests(st, [ids], body, max_new, stop, k),
                          on_token=st.metrics.on_token, t0=ctx["t0"])
+        ctx["generations"].append(gen)
 
         def content_lp(tokens, lps, tops):
             out = []

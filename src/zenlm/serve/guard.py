@@ -89,7 +89,7 @@ class Guard:
         path = scope["path"]
         route = route_of(path)
         ctx = scope["zenlm"] = {"t0": time.perf_counter(), "key_id": None, "prompt_tokens": 0,
-                                "completion_tokens": 0, "prompt": None, "status": 500}
+                                "completion_tokens": 0, "prompt": None, "status": 500, "generations": []}
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -125,6 +125,8 @@ class Guard:
                     if used:
                         permit.charge(used)  # tokens are charged once the work is done
         finally:
+            for gen in ctx["generations"]:  # a stream whose client left before it began: free its rows
+                gen.cancel()
             self._record(scope, route, ctx)
 
     def _record(self, scope, route: str, ctx: dict) -> None:
