@@ -71,10 +71,10 @@ def test_completion_greedy_matches_the_library(served):
 
 def test_completion_stop_n_seed(served):
     c = client(served)
-    r = c.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"])
+    r = c.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=10, temperature=0, stop=[" 7"])
     assert r.choices[0].finish_reason == "stop" and " 7" not in r.choices[0].text
     assert "6" in r.choices[0].text
-    kw = dict(model="smollm2", prompt="Once upon a time", max_tokens=8, temperature=1.0, n=2, seed=7)
+    kw = dict(model="smollm2", prompt="Once upon a time", max_tokens=4, temperature=1.0, n=2, seed=7)
     a, b = c.completions.create(**kw), c.completions.create(**kw)
     assert [x.text for x in a.choices] == [x.text for x in b.choices]  # a seed repeats
     assert len(a.choices) == 2 and a.choices[0].text != a.choices[1].text  # choices differ
@@ -135,13 +135,13 @@ def test_chat_logprobs_seed_stop(served):
     for entry in content:
         assert len(entry.top_logprobs) == 3
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-4)  # greedy: the best
-    kw = dict(model="smollm2", messages=msgs, max_tokens=8, temperature=1.0, seed=3, n=2)
+    kw = dict(model="smollm2", messages=msgs, max_tokens=4, temperature=1.0, seed=3, n=2)
     assert ([x.message.content for x in c.chat.completions.create(**kw).choices]
             == [x.message.content for x in c.chat.completions.create(**kw).choices])
-    full = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12, temperature=0)
+    full = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=8, temperature=0)
     text = full.choices[0].message.content
     word = text.split()[len(text.split()) // 2]
-    cut = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12, temperature=0, stop=[word])
+    cut = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=8, temperature=0, stop=[word])
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].message.content == text[:text.index(word)]
 
@@ -335,7 +335,7 @@ def test_tokens_are_charged_after_completion(served):
     store = served.state.keys
     key_id = next(r.id for r in store.list() if r.name == "quota")
     c = client(served, "quota")
-    r = c.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=20, temperature=0)
+    r = c.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=16, temperature=0)
     assert served.state.limiter.used_today(key_id) == r.usage.total_tokens
     with pytest.raises(openai.RateLimitError) as e:
         c.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=20, temperature=0)

@@ -91,12 +91,23 @@ class Guard:
         ctx = scope["zenlm"] = {"t0": time.perf_counter(), "key_id": None, "prompt_tokens": 0,
                                 "completion_tokens": 0, "prompt": None, "status": 500, "generations": []}
 
+        permit = None
+
+        def charge():
+            """Tokens are charged once the work is done, and before the client sees the end of
+            the response, so its next request already meets the quota spent."""
+            used = ctx["prompt_tokens"] + ctx["completion_tokens"]
+            if permit is not None and used and not ctx.get("charged"):
+                ctx["charged"] = True
+                permit.charge(used)
+
         async def send_status(message):
             if message["type"] == "http.response.start":
                 ctx["status"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                charge()
             await send(message)
 
-        permit = None
         try:
             if path in PUBLIC:
                 return await self.app(scope, receive, send_status)
@@ -121,9 +132,7 @@ class Guard:
                 try:
                     await self.app(scope, receive, send_status)
                 finally:
-                    used = ctx["prompt_tokens"] + ctx["completion_tokens"]
-                    if used:
-                        permit.charge(used)  # tokens are charged once the work is done
+                    charge()  # a response cut short (the client left) is charged for what it used
         finally:
             for gen in ctx["generations"]:  # a stream whose client left before it began: free its rows
                 gen.cancel()
