@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import zenlm
 
-    loaded = zenlm.load(args.model)
+    loaded = zenlm.load(args.model, key_file=args.key_file)
     if args.task == "ppl":
         res = _ppl(args, loaded)
         text = (f"tokens {res['tokens']:,}  bytes {res['bytes']:,}\nloss {res['loss']:.4f}  "

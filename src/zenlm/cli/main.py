@@ -21,6 +21,8 @@ COMMANDS = {
     "predict": "zenlm.cli.predict",
     "keys": "zenlm.cli.keys",
     "audit": "zenlm.cli.audit",
+    "encrypt": "zenlm.cli.crypt",  # encrypt and decrypt
+    "card": "zenlm.cli.card",
     "serve": "zenlm.cli.serve",
 }
 

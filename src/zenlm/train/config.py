@@ -51,6 +51,8 @@ class TrainConfig:
     # restore the best weights; the metric is the task's own (val_loss, val_accuracy) unless set
     early_stop_patience: int = 0
     early_stop_metric: str | None = None
+    # a key file (zenlm.crypt): checkpoints are written sealed with it, and resume reads them
+    encrypt_key_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_minutes is None:
