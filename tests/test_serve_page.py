@@ -51,13 +51,19 @@ def browser():
 
 
 def until(pred, timeout=60.0, every=0.05):
+    """``pred()`` once it is true; an element replaced by a navigation or re-render counts as
+    not yet (the page is still changing)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = pred()
-        if got:
+    while True:
+        try:
+            got = pred()
+        except (StaleElementReferenceException, NoSuchElementException):
+            got = None
+        if got or time.time() >= deadline:
             return got
         time.sleep(every)
-    return pred()
 
 
 def test_chat_page(served, browser):
@@ -111,3 +117,9 @@ def test_chat_page(served, browser):
     time.sleep(0.5)
     assert out.get_attribute("textContent") == frozen
     assert find(By.ID, "send").is_enabled() and not find(By.ID, "stop").is_enabled()
+
+    # signing out forgets the key: the page is refused again
+    find(By.ID, "signout").click()
+    assert until(lambda: d.find_elements(By.ID, "signin"), 10)
+    d.get(served.url + "/")
+    assert d.find_elements(By.ID, "signin") and not d.find_elements(By.ID, "log")

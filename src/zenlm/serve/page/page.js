@@ -126,6 +126,10 @@ function stop() {
 async function init() {
   $("send").addEventListener("click", send);
   $("stop").addEventListener("click", stop);
+  $("signout").addEventListener("click", async () => {
+    await api("/logout", {});  // clears the key cookie
+    location.reload();
+  });
   $("clear").addEventListener("click", () => { history.length = 0; $("log").textContent = ""; });
   $("input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); }
