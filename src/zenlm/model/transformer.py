@@ -199,7 +199,10 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + t, device=dev)
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
+            # training looks positions up per row: per-example gradients (DP-SGD's hooks) need
+            # the batch dimension to tell whose position each is
+            rows = positions.expand(b, t) if positions.dim() == 1 and self.training else positions
+            x = x + self.pos_emb(rows)
         x = self.drop(x)
         rope = None
         if self.config.pos == "rope":
