@@ -106,12 +106,15 @@ def score_responses(model, tokenizer, prompt_messages: list[dict], responses: li
     the tokens split as training splits them (prompt and reply encoded apart: data/chat.render)."""
     prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True)
     p_ids = tokenizer.encode(prompt)
-    replies = []
-    for r in responses:
-        full = tokenizer.apply_chat_template(prompt_messages + [{"role": "assistant", "content": r}],
-                                             add_generation_prompt=False)
-        replies.append(full[len(prompt):])
-    r_ids = tokenizer.encode_batch(replies)
+    # the template is rendered once around a marker: templates insert a message's content
+    # verbatim, and rendering 10,000 conversations through jinja would cost more than scoring
+    marker = "\x00REPLY\x00"
+    full = tokenizer.apply_chat_template(prompt_messages + [{"role": "assistant", "content": marker}],
+                                         add_generation_prompt=False)
+    if not full.startswith(prompt) or full.count(marker) != 1:
+        raise ValueError("the chat template does not render the reply verbatim after the prompt")
+    reply = full[len(prompt):]
+    r_ids = tokenizer.encode_batch([reply.replace(marker, r) for r in responses])
     device = next(model.parameters()).device
     start = len(p_ids) - 1  # the first position that predicts a reply token
     out = torch.empty(len(responses), dtype=torch.float64)
