@@ -248,3 +248,15 @@ def test_lora_weight_delta_after_one_dp_step(trained_run, toy, tmp_path):
         else:
             assert torch.equal(delta, torch.zeros_like(delta)), n  # the frozen base is untouched
     assert any(float(d.abs().max()) > 0 for n, d in want.items() if "lora_B" in n)
+
+
+def test_cli_flags_fill_the_dp_config_and_refuse_a_large_delta(tmp_path, trained_run, toy, capsys):
+    from zenlm.cli.main import main
+
+    argv = ["finetune", "classify", "--model", str(trained_run), "--train", str(toy),
+            "--text-col", "sentence", "--out", str(tmp_path / "run"), "--max-steps", "2",
+            "--dp-epsilon", "8", "--dp-delta", "0.05", "--dp-max-grad-norm", "0.5",
+            "--dp-accountant", "rdp"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "train.dp.delta=0.05 must be above 0 and below 1/N" in err and "\n" == err[-1] and err.count("\n") == 1
