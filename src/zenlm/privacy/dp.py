@@ -243,7 +243,7 @@ class PrivateTraining:
     def summary(self) -> dict:
         """The privacy record of the run: what summary.json, the report and the lineage card
         carry (the card's epsilon field reads ``epsilon`` from here)."""
-        return {"mechanism": "DP-SGD (Poisson sampling, per-example clipping, Gaussian noise)",
+        return {"dp": True, "mechanism": "DP-SGD (Poisson sampling, per-example clipping, Gaussian noise)",
                 "accountant": self.cfg.accountant, "epsilon": self.epsilon(),
                 "epsilon_target": self.cfg.epsilon, "delta": self.delta,
                 "delta_rule": "1/N^1.1" if str(self.cfg.delta).lower() == "auto" else "given",

@@ -207,6 +207,9 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
         emit(rec)
         return rec
 
+    def eval_line(rec: dict) -> str:
+        return task.eval_line(rec) + (f"; epsilon {rec['epsilon']:.3f}" if "epsilon" in rec else "")
+
     def track_best(rec: dict) -> bool:
         """Update the best value of the early-stopping metric; True when patience ran out."""
         nonlocal best_weights
@@ -252,7 +255,7 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
     if tc.eval_at_start and step == 0 and world.is_main:
         last_eval = evaluate()
         patience_out = track_best(last_eval)
-        log(task.eval_line(last_eval))
+        log(eval_line(last_eval))
     bar = None
     if world.is_main and tc.progress:
         from tqdm import tqdm
@@ -316,7 +319,7 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
             if tc.eval_every and step % tc.eval_every == 0 and world.is_main:
                 last_eval = evaluate()
                 patience_out = track_best(last_eval)
-                (bar.write if bar is not None else log)(task.eval_line(last_eval))
+                (bar.write if bar is not None else log)(eval_line(last_eval))
             if tc.ckpt_every and step % tc.ckpt_every == 0:
                 checkpoint()
                 saved_at = step
