@@ -138,6 +138,16 @@ def one_mode(args) -> dict:
             "dp": engine.describe() if engine else None}
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="base model (default: a tiny random one)")
@@ -179,7 +189,7 @@ def main() -> None:
     result = {"model": args.model or "tiny random llama (4 x 128)", "logical_batch": args.batch_size * args.grad_accum,
               "micro_batch": args.batch_size, "max_len": args.max_len,
               "threads": args.threads, "torch_threads_default": torch.get_num_threads(),
-              "cpu": platform.processor() or platform.machine(),
+              "cpu": _cpu_name(),
               "step_s": med, "peak_rss_mb": {m: max(r["peak_rss_mb"] for r in rs) for m, rs in runs.items()},
               "dp": runs.get("dp-lora", [{}])[0].get("dp")}
     if "lora" in med and "dp-lora" in med:

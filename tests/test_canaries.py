@@ -7,7 +7,6 @@ above chance. The slow half trains the same recipe with DP at epsilon 8: near ch
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -17,7 +16,6 @@ import pytest
 import yaml
 
 import zenlm
-from zenlm.errors import ConfigError
 from zenlm.privacy.canaries import (chance_exposure, exposure_of_rank, load_canaries,
                                     make_canaries, plant)
 from zenlm.privacy.config import CanaryConfig
@@ -27,13 +25,10 @@ from test_finetune import quiet
 
 
 def audit_cli(argv: list[str]) -> int:
-    """The `audit` group as the CLI wires it: memorization is one of its subcommands."""
-    from zenlm.cli.memorization import add_subcommand
+    """`zenlm audit ...` in this process (memorization is a subcommand of the audit group)."""
+    from zenlm.cli.main import main
 
-    parser = argparse.ArgumentParser(prog="zenlm audit")
-    add_subcommand(parser.add_subparsers(dest="action", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(["audit", *argv])
 
 
 def write_chat(path: Path, n: int = 150) -> Path:
@@ -100,9 +95,9 @@ def test_without_dp_a_planted_canary_is_exposed(planted_run, capsys):
     assert "chance 1.44" in out and secret in out
 
 
-def test_audit_refuses_what_it_cannot_measure(tmp_path, trained_run):
-    with pytest.raises(ConfigError, match="chat run"):
-        audit_cli(["memorization", "--run", str(trained_run)])
+def test_audit_refuses_what_it_cannot_measure(tmp_path, trained_run, capsys):
+    assert audit_cli(["memorization", "--run", str(trained_run)]) == 2
+    assert "needs a chat run" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -188,6 +188,10 @@ def test_dp_run_reports_opacus_epsilon_and_stops_at_budget(tmp_path, trained_run
     assert [r["step"] for r in evals] == [2, 4] and evals[0]["epsilon"] < evals[1]["epsilon"] == pr["epsilon"]
     on_disk = json.loads((tmp_path / "run/summary.json").read_text())
     assert on_disk["privacy"]["epsilon"] == pr["epsilon"]
+    from zenlm.privacy.card import read_card
+
+    card = read_card(tmp_path / "run")["privacy"]  # the lineage card carries the same ledger
+    assert card["dp"] is True and card["epsilon"] == pr["epsilon"] and card["delta"] == pr["delta"]
     from zenlm.checkpoint import latest_checkpoint, load_checkpoint
 
     ckpt = latest_checkpoint(tmp_path / "run")
