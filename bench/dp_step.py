@@ -94,17 +94,13 @@ def one_mode(args) -> dict:
     opt = make_adamw(model, 1e-3, 0.0, (0.9, 0.999), 1e-8, "cpu")
     gen = torch.Generator().manual_seed(0)
     logical = args.batch_size * args.grad_accum
-    if args.mode.startswith("chat"):
-        # the LM head on the same rows: chunked mean loss vs one loss per example (plain path)
-        backbone = model.backbone
-        lm_head_on = backbone.tok_emb.weight.requires_grad
-        backbone.tok_emb.weight.requires_grad_(lm_head_on)
     engine = None
     if dp:
         from zenlm.privacy.dp import PrivateTraining
 
         engine = PrivateTraining(cfg.train.dp, model, task, cfg.train, World(), log=lambda *a: None)
-    times, seen = [], []
+    times = []
+    lengths = task.dp_lengths()
     autocast = torch.autocast("cpu", enabled=False)
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
@@ -112,6 +108,7 @@ def one_mode(args) -> dict:
             _, _ = engine.step(gen, autocast, "cpu")
         else:
             idx = torch.randperm(task.dp_examples(), generator=gen)[:logical].tolist()
+            idx.sort(key=lambda i: lengths[i])  # as the DP step and the loop's buckets do
             for s in range(0, logical, args.batch_size):
                 batch = task.dp_batch(idx[s:s + args.batch_size])
                 if args.mode == "lora":
@@ -121,7 +118,7 @@ def one_mode(args) -> dict:
                     y = x.roll(-1, 1)
                     y[:, -1] = -100
                     y[torch.arange(x.shape[1])[None, :] >= (lengths[:, None] - 1)] = -100
-                    bb = model.backbone
+                    bb = model.backbone  # the LM head on the same rows and adapters
                     if args.mode == "chat-chunked":
                         loss = bb(x, y) / args.grad_accum
                     else:
