@@ -100,7 +100,7 @@ def one_mode(args) -> dict:
 
         engine = PrivateTraining(cfg.train.dp, model, task, cfg.train, World(), log=lambda *a: None)
     times = []
-    lengths = task.dp_lengths()
+    ex_lengths = task.dp_lengths()
     autocast = torch.autocast("cpu", enabled=False)
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
@@ -108,7 +108,7 @@ def one_mode(args) -> dict:
             _, _ = engine.step(gen, autocast, "cpu")
         else:
             idx = torch.randperm(task.dp_examples(), generator=gen)[:logical].tolist()
-            idx.sort(key=lambda i: lengths[i])  # as the DP step and the loop's buckets do
+            idx.sort(key=lambda i: ex_lengths[i])  # as the DP step and the loop's buckets do
             for s in range(0, logical, args.batch_size):
                 batch = task.dp_batch(idx[s:s + args.batch_size])
                 if args.mode == "lora":
