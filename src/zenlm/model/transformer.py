@@ -226,7 +226,10 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + t, device=dev)
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
+            # training looks positions up per row: per-example gradients (DP-SGD's hooks) need
+            # the batch dimension to tell whose position each is
+            rows = positions.expand(b, t) if positions.dim() == 1 and self.training else positions
+            x = x + self.pos_emb(rows)
         if self.type_emb is not None:
             x = x + (self.type_emb.weight[0] if token_type_ids is None else self.type_emb(token_type_ids))
         if self.emb_norm is not None:
