@@ -19,6 +19,7 @@ COMMANDS = {
     "chat": "zenlm.cli.chat",
     "finetune": "zenlm.cli.finetune",
     "predict": "zenlm.cli.predict",
+    "explain": "zenlm.cli.explain",
 }
 
 
