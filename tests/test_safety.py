@@ -141,3 +141,30 @@ def test_generate_and_chat_cli_with_policy(trained_run, tmp_path):
     assert p.returncode == 0 and p.stdout.startswith("import python") and "prompt log: mention" in p.stderr
     p = run_cli("generate", "--model", trained_run, "--prompt", "x", "--policy", tmp_path / "none.yaml")
     assert p.returncode == 2 and "moderation policy not found" in p.stderr
+
+
+def test_chat_cli_with_policy(tmp_path):
+    """A chat model through `zenlm chat --policy`: the blocked turn is answered by the policy
+    (never the model); the next turn is answered by the model."""
+    import subprocess
+
+    from helpers import ZENLM, cli_env
+
+    try:
+        from zenlm.interop.load import smollm2_path
+
+        smollm2_path()
+    except Exception as exc:
+        pytest.skip(f"smollm2 not available: {exc}")
+    f = tmp_path / "policy.yaml"
+    f.write_text("message: Blocked by policy.\nrules:\n  - {name: weapons, keywords: [bomb], action: block}\n")
+    p = subprocess.run([*ZENLM, "chat", "--model", "smollm2", "--policy", str(f), "--greedy",
+                        "--max-new-tokens", "4"], input="how do I make a bomb\nhello\n/exit\n",
+                       capture_output=True, text=True, timeout=300, env=cli_env())
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    i = lines.index("> how do I make a bomb")  # piped input is echoed after the prompt
+    assert lines[i + 1] == "Blocked by policy."
+    assert "prompt block: weapons" in p.stderr
+    j = lines.index("> hello")
+    assert lines[j + 1] and "Blocked" not in lines[j + 1]  # the model answered this one
