@@ -20,6 +20,7 @@ COMMANDS = {
     "finetune": "zenlm.cli.finetune",
     "predict": "zenlm.cli.predict",
     "explain": "zenlm.cli.explain",
+    "report": "zenlm.cli.report",
 }
 
 
