@@ -139,3 +139,6 @@ def test_bad_heads_are_refused(pair):
     model, _ = pair
     with pytest.raises(ValueError, match="out of range"):
         model.capture_attention(heads=[7])
+    with pytest.raises(ValueError, match="out of range"):
+        model.capture_attention(layers=[2])
+    assert all(b.attn.capture is None for b in model.blocks)

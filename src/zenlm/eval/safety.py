@@ -144,15 +144,13 @@ def answer(model, tokenizer, prompts: list[str], *, system: str | None = None,
             texts.append(tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True)))
         else:
             texts.append(((system + "\n\n") if system else "") + p + "\n")
-    out = []
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     replies = [""] * len(texts)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         for i, r in zip(idx, generate_batch(model, tok, [texts[i] for i in idx], cfg)):
             replies[i] = r
-    out.extend(replies)
-    return out
+    return replies
 
 
 def refusal_eval(model, tokenizer, prompts: list[Prompt], *, system: str | None = None,

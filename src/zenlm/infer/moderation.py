@@ -186,7 +186,7 @@ class Policy:
                 import yaml
 
                 data = yaml.safe_load(text)
-        except (ValueError, Exception) as exc:  # yaml.YAMLError, json.JSONDecodeError
+        except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
             raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
                               f"{str(exc).splitlines()[0]}") from None
         return cls.from_dict(data, base=p.parent, load_model=load_model)

@@ -63,7 +63,13 @@ class AttentionCapture:
         found = [m for m in model.modules() if isinstance(m, Attention)]
         if not found:
             raise ValueError("this model has no zenlm Attention layers to capture")
-        chosen = None if layers is None else {int(i) % len(found) for i in layers}
+        chosen = None
+        if layers is not None:
+            layers = [int(i) for i in layers]
+            bad = [i for i in layers if not -len(found) <= i < len(found)]
+            if bad:
+                raise ValueError(f"layers {bad} out of range: the model has {len(found)} attention layers")
+            chosen = {i % len(found) for i in layers}
         self.heads = None if heads is None else [int(h) for h in heads]
         if self.heads is not None:
             n = found[0].n_head
