@@ -26,6 +26,8 @@ COMMANDS = {
     "embed": "zenlm.cli.embed",
     "fill-mask": "zenlm.cli.fill_mask",
     "serve": "zenlm.cli.serve",
+    "explain": "zenlm.cli.explain",
+    "report": "zenlm.cli.report",
 }
 
 
