@@ -118,12 +118,25 @@ def assert_figures_in_md(md: str, run: Path) -> None:
         assert f"| {r['step']} | " in md and f"{r['val_loss']:.4g}" in md
 
 
-def test_report_of_a_pretrain_run(trained_run, tmp_path):
-    run = tmp_path / "tiny"
-    shutil.copytree(trained_run, run)  # the session's run stays as it was; the report goes in
+@pytest.fixture(scope="module")
+def pre_report(tmp_path_factory, trained_run):
+    """The card of a copy of the session's pretrain run (that one stays as it was), made by the
+    CLI into the run folder itself."""
+    run = tmp_path_factory.mktemp("report-pre") / "tiny"
+    shutil.copytree(trained_run, run)
     p = run_cli("report", run, "--json")
     assert p.returncode == 0, p.stderr
-    res = json.loads(p.stdout)
+    return run, json.loads(p.stdout)
+
+
+@pytest.fixture(scope="module")
+def cls_report(tmp_path_factory, cls_run):
+    return write_report(cls_run, tmp_path_factory.mktemp("report-cls-card"), load=zenlm.load,
+                        verify=verify, log=quiet)
+
+
+def test_report_of_a_pretrain_run(pre_report):
+    run, res = pre_report
     assert Path(res["html"]) == run / "report" / "report.html" and res["kind"] == "lm"
     page, md = Path(res["html"]).read_text(), Path(res["markdown"]).read_text()
     assert_self_contained(page)
@@ -149,8 +162,8 @@ def test_report_of_a_pretrain_run(trained_run, tmp_path):
     verify_card(run)
 
 
-def test_report_of_a_classifier_shows_its_confusion_matrix(cls_run, tmp_path):
-    res = write_report(cls_run, tmp_path / "a", load=zenlm.load, verify=verify, log=quiet)
+def test_report_of_a_classifier_shows_its_confusion_matrix(cls_run, cls_report, tmp_path):
+    res = cls_report
     summary = json.loads((cls_run / "summary.json").read_text())
     assert res["kind"] == "classify" and res["confusion"] == summary["confusion"]
     md, page = Path(res["markdown"]).read_text(), Path(res["html"]).read_text()
@@ -213,13 +226,12 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
-def test_reports_render_in_headless_chromium(trained_run, cls_run, tmp_path):
+def test_reports_render_in_headless_chromium(pre_report, cls_report, tmp_path):
     import numpy as np
     from matplotlib.image import imread
     from selenium.webdriver.common.by import By
 
-    pages = [write_report(run, tmp_path / name, load=zenlm.load, verify=verify, log=quiet)
-             for name, run in (("pretrain", trained_run), ("classify", cls_run))]
+    pages = [pre_report[1], cls_report]
     browser = _browser()
     try:
         for res in pages:

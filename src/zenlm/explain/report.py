@@ -270,6 +270,10 @@ class _Doc:
                          f"<figcaption>{html.escape(alt)}</figcaption></figure>")
         self.md.append(f"![{alt}](report_files/{png.name})\n\n")
 
+    def seam(self, text: str) -> None:
+        """What a section could not show, and why (highlighted: it is not a result)."""
+        self.raw(f"<p class='seam'>{html.escape(text)}</p>", f"> {text}\n\n")
+
     def raw(self, html_part: str, md_part: str) -> None:
         self.html.append(html_part)
         self.md.append(md_part)
@@ -331,8 +335,6 @@ def write_report(run: str | Path, out: str | Path | None = None, *, text: str | 
     the run did not record; ``verify(card)`` checks the lineage card's signature and returns a
     line to show (``zenlm.privacy.card.check_signature``, wrapped by the CLI).
     """
-    from zenlm.explain.plots import plot_confusion, plot_loss, plot_series
-
     info = collect(run)
     out = Path(out) if out is not None else info.run / "report"
     files = out / "report_files"
@@ -366,22 +368,23 @@ def write_report(run: str | Path, out: str | Path | None = None, *, text: str | 
         notes["examples"] = "examples need the run's model (write_report(load=zenlm.load))"
 
     doc = _Doc()
-    last = info.last_eval
-    s = info.summary
+    for section in (_metrics, _curves, _confusion, _examples, _privacy, _lineage, _data, _config):
+        section(doc, info, files=files, ex=ex, notes=notes, verify=verify)
+    title = f"zenlm report: {info.name}"
+    atomic_write_text(out / "report.html", _page(doc, info, title))
+    atomic_write_text(out / "report.md", _markdown(doc, info, title))
+    return {"html": str(out / "report.html"), "markdown": str(out / "report.md"),
+            "figures": [str(p) for p in doc.figures], "kind": info.kind,
+            "sections": [t for _, t in doc.toc], "notes": notes, "confusion": info.confusion}
 
-    # headline
-    kind = KINDS.get(info.kind, info.kind) + (", differentially private" if info.dp else "")
-    cards = [(k, last[k]) for k in HEADLINE if isinstance(last.get(k), (int, float))]
-    cards += [(k, last[k]) for k in sorted(last) if k.startswith("val_") and k not in HEADLINE
-              and isinstance(last[k], (int, float))]
-    if info.dp:
-        cards.append(("ε spent", info.privacy["epsilon"]))
-    for k in ("step", "tokens"):
-        if isinstance(s.get(k), int):
-            cards.append((k, s[k]))
 
-    # 1. metrics
+# ----------------------------------------------------------------------------------------------
+# the sections, in page order (each takes the same keywords and uses what it needs)
+
+
+def _metrics(doc: _Doc, info: RunInfo, **_) -> None:
     doc.section("Metrics")
+    s, last = info.summary, info.last_eval
     scalars = [(k, v) for k, v in s.items() if k not in ("val", "confusion", "labels", "privacy", "best", "run")
                and not isinstance(v, (list, dict))]
     if scalars:
@@ -390,129 +393,158 @@ def write_report(run: str | Path, out: str | Path | None = None, *, text: str | 
         doc.para("The run has no summary.json (it did not finish, or was stopped before the end).")
     if last:
         doc.para(f"Last evaluation (step {last.get('step', '?')}):")
-        doc.kv([(k, v) for k, v in last.items() if k not in ("step",)])
+        doc.kv([(k, v) for k, v in last.items() if k != "step"])
     evals = info.evals
     if len(evals) > 1:
         keys = sorted({k for r in evals for k in r if k.startswith("val_") or k == "epsilon"})
         shown = evals if len(evals) <= 40 else evals[:: math.ceil(len(evals) / 40)] + [evals[-1]]
-        doc.para("Every evaluation during the run:")
+        doc.para("Every evaluation during the run:" if shown is evals else "Evaluations during the run (every few):")
         doc.table(["step"] + keys, [[r.get("step")] + [r.get(k) for k in keys] for r in shown])
 
-    # 2. curves
+
+def _curves(doc: _Doc, info: RunInfo, *, files: Path, **_) -> None:
+    from zenlm.explain.plots import plot_loss, plot_series
+
     doc.section("Loss and validation curves")
-    loss_png = plot_loss(info.run / "metrics.jsonl", files / "loss.png", title=info.name)
-    if loss_png is not None:
-        doc.figure(loss_png, "train and val loss against tokens seen")
+    png = plot_loss(info.run / "metrics.jsonl", files / "loss.png", title=info.name)
+    if png is not None:
+        doc.figure(png, "train and val loss against tokens seen")
     else:
         doc.para("metrics.jsonl has no loss records.")
+    evals = info.evals
     other = sorted({k for r in evals for k in r if (k.startswith("val_") and k not in ("val_loss", "val_tokens"))
                     or k == "epsilon"})
     if len(evals) > 1 and other:
-        p = plot_series(evals, other, files / "metrics.png", title="validation metrics by step")
-        if p is not None:
-            doc.figure(p, "validation metrics (and ε spent) by step")
+        png = plot_series(evals, other, files / "metrics.png", title="validation metrics by step")
+        if png is not None:
+            doc.figure(png, "validation metrics by step" + (" and ε spent" if "epsilon" in other else ""))
 
-    # 3. confusion matrix
-    if info.kind == "classify":
-        doc.section("Confusion matrix")
-        if info.confusion:
-            labels = info.labels or [str(i) for i in range(len(info.confusion))]
-            png = plot_confusion(info.confusion, labels, files / "confusion.png", title=info.name)
-            doc.figure(png, f"confusion matrix (rows true, columns predicted): {info.confusion_source}")
-            doc.table(["label", "support", "precision", "recall", "F1"],
-                      [[r["label"], r["support"], r["precision"], r["recall"], r["f1"]]
-                       for r in per_class(info.confusion, labels)])
-            doc.table(["true ↓ predicted →"] + labels, [[labels[i]] + row for i, row in enumerate(info.confusion)])
-        else:
-            doc.raw(f"<p class='seam'>{html.escape(notes.get('confusion', 'no confusion matrix recorded'))}</p>",
-                    notes.get("confusion", "no confusion matrix recorded") + "\n\n")
 
-    # 4. examples
+def _confusion(doc: _Doc, info: RunInfo, *, files: Path, notes: dict, **_) -> None:
+    from zenlm.explain.plots import plot_confusion
+
+    if info.kind != "classify":
+        return
+    doc.section("Confusion matrix")
+    if not info.confusion:
+        doc.seam(notes.get("confusion", "no confusion matrix recorded"))
+        return
+    labels = info.labels or [str(i) for i in range(len(info.confusion))]
+    png = plot_confusion(info.confusion, labels, files / "confusion.png", title=info.name)
+    doc.figure(png, f"confusion matrix (rows true, columns predicted): {info.confusion_source}")
+    rows = per_class(info.confusion, labels)
+    doc.table(["label", "support", "precision", "recall", "F1"],
+              [[r["label"], r["support"], r["precision"], r["recall"], r["f1"]] for r in rows])
+    total = sum(r["support"] for r in rows)
+    common = max(rows, key=lambda r: r["support"])
+    if total:
+        doc.para(f"Always answering the most common class ({common['label']}) would score accuracy "
+                 f"{common['support'] / total:.4g} on these {total:,} rows.")
+    doc.table(["true ↓ predicted →"] + labels, [[labels[i]] + row for i, row in enumerate(info.confusion)])
+
+
+def _examples(doc: _Doc, info: RunInfo, *, ex: dict | None, notes: dict, **_) -> None:
     doc.section("Attention and attribution")
-    if ex is not None:
-        attr = ex["attribution"]
-        doc.para(f"Text (from the run's data unless given): {ex['text']!r}")
-        doc.figure(ex["attention"], f"attention of layer {ex['attention_layer']}, heads "
-                                    f"{', '.join(map(str, ex['heads']))} (rows: queries, columns: keys)")
-        ig = ""
-        if attr.ig_delta is not None:
-            ig = f"; integrated gradients over {attr.steps} steps, convergence delta {attr.ig_delta:+.2e}"
-        doc.para(f"Target: {attr.target} = {attr.score:.4f}{ig}. Red raised the target, blue lowered it.")
-        doc.raw(_attribution_html(attr), _attribution_md(attr))
-    else:
-        doc.raw(f"<p class='seam'>{html.escape(notes['examples'])}</p>", notes["examples"] + "\n\n")
+    if ex is None:
+        doc.seam(notes["examples"])
+        return
+    attr = ex["attribution"]
+    doc.para(f"Text (from the run's data unless given): {ex['text']!r}")
+    doc.figure(ex["attention"], f"attention of layer {ex['attention_layer']}, heads "
+                                f"{', '.join(map(str, ex['heads']))} (rows: queries, columns: keys)")
+    ig = ""
+    if attr.ig_delta is not None:
+        ig = f"; integrated gradients over {attr.steps} steps, convergence delta {attr.ig_delta:+.2e}"
+    doc.para(f"Target: {attr.target} = {attr.score:.4f}{ig}. Red raised the target, blue lowered it.")
+    doc.raw(_attribution_html(attr), _attribution_md(attr))
 
-    # 5. privacy
+
+def _privacy(doc: _Doc, info: RunInfo, **_) -> None:
     doc.section("Differential privacy")
     if info.dp:
         doc.kv(sorted(info.privacy.items()))
     else:
         doc.para("Not trained with differential privacy: no ε guarantee.")
 
-    # 6. lineage
+
+def _lineage(doc: _Doc, info: RunInfo, *, verify: Callable | None, **_) -> None:
     doc.section("Lineage card")
     c = info.card
     if c is None:
         doc.para("The run has no card.json.")
-    else:
-        sig = c.get("signature") or {}
-        parent = c.get("parent") or {}
-        rows = [("kind", c.get("kind")), ("created", c.get("created")), ("zenlm", c.get("zenlm_version")),
-                ("parent", parent.get("model") if parent else "none (trained from scratch)")]
-        if parent:
-            rows += [("parent sha256", parent.get("sha256")), ("parent card signature", parent.get("card_signature"))]
-        rows += [("steps", c.get("steps")), ("tokens", c.get("tokens")),
-                 ("epsilon", (c.get("privacy") or {}).get("epsilon")),
-                 ("files hashed", len(c.get("files") or {})),
-                 ("signature", f"{sig.get('scheme')} (key {sig.get('key_id')})")]
-        if verify is not None:
-            try:
-                rows.append(("signature check", verify(c)))
-            except Exception as exc:
-                rows.append(("signature check", f"FAILED: {exc}"))
-        doc.kv(rows)
-        doc.para("Check every file it names with `zenlm card verify RUN`.")
+        return
+    sig = c.get("signature") or {}
+    parent = c.get("parent") or {}
+    rows = [("kind", c.get("kind")), ("created", c.get("created")), ("zenlm", c.get("zenlm_version")),
+            ("parent", parent.get("model") if parent else "none (trained from scratch)")]
+    if parent:
+        rows += [("parent sha256", parent.get("sha256")), ("parent card signature", parent.get("card_signature"))]
+    rows += [("steps", c.get("steps")), ("tokens", c.get("tokens")),
+             ("epsilon", (c.get("privacy") or {}).get("epsilon")),
+             ("files hashed", len(c.get("files") or {})),
+             ("signature", f"{sig.get('scheme')} (key {sig.get('key_id')})")]
+    if verify is not None:
+        try:
+            rows.append(("signature check", verify(c)))
+        except Exception as exc:  # a card that fails its check is news for the report, not a crash
+            rows.append(("signature check", f"FAILED: {exc}"))
+    doc.kv(rows)
+    doc.para("Check every file it names with `zenlm card verify RUN`.")
 
-    # 7. config and data
+
+def _data(doc: _Doc, info: RunInfo, **_) -> None:
     doc.section("Data")
-    data_rows = []
-    for d in (c or {}).get("data") or []:
-        for fname, digest in (d.get("files") or {}).items():
-            data_rows.append([d.get("path"), fname, digest[:16] + "…"])
-    if data_rows:
-        doc.table(["data", "file", "sha256"], data_rows)
+    rows = [[d.get("path"), name, digest[:16] + "…"]
+            for d in (info.card or {}).get("data") or [] for name, digest in (d.get("files") or {}).items()]
+    if rows:
+        doc.table(["data", "file", "sha256"], rows)
     if info.manifest:
         doc.para("Prepared data manifest:")
-        m = {k: v for k, v in info.manifest.items() if k != "sources"}
-        doc.kv(_flat(m))
+        doc.kv(_flat({k: v for k, v in info.manifest.items() if k != "sources"}))
         srcs = info.manifest.get("sources") or []
         if srcs:
             doc.table(["source", "bytes", "sha256"],
                       [[x.get("path"), x.get("bytes"), (x.get("sha256") or "")[:16] + "…"] for x in srcs[:50]])
-    elif not data_rows:
-        doc.kv([(k, v) for k, v in _flat((info.config.get("data") or {}))])
+    elif not rows:
+        doc.kv(_flat(info.config.get("data") or {}))
+
+
+def _config(doc: _Doc, info: RunInfo, **_) -> None:
     doc.section("Configuration")
     doc.kv([(k, v) for k, v in _flat(info.config) if not k.startswith("param_groups")])
-    doc.html.append("</section>")
 
-    title = f"zenlm report: {info.name}"
-    head_cards = "".join(f"<div class='card'><b>{html.escape(_fmt(v))}</b><span>{html.escape(k)}</span></div>"
-                         for k, v in cards)
+
+def _headline(info: RunInfo) -> list[tuple[str, Any]]:
+    last, s = info.last_eval, info.summary
+    cards = [(k, last[k]) for k in HEADLINE if isinstance(last.get(k), (int, float))]
+    cards += [(k, last[k]) for k in sorted(last) if k.startswith("val_") and k not in HEADLINE
+              and isinstance(last[k], (int, float))]
+    if info.dp:
+        cards.append(("ε spent", info.privacy["epsilon"]))
+    cards += [(k, s[k]) for k in ("step", "tokens") if isinstance(s.get(k), int)]
+    return cards
+
+
+def _kind(info: RunInfo) -> str:
+    return KINDS.get(info.kind, info.kind) + (", differentially private" if info.dp else "")
+
+
+def _page(doc: _Doc, info: RunInfo, title: str) -> str:
+    cards = "".join(f"<div class='card'><b>{html.escape(_fmt(v))}</b><span>{html.escape(k)}</span></div>"
+                    for k, v in _headline(info))
     nav = "".join(f"<a href='#{a}'>{html.escape(t)}</a>" for a, t in doc.toc)
-    page = ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width,initial-scale=1'>"
             "<link rel='icon' href='data:,'>"  # no favicon request: nothing leaves the file
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body><main>"
-            f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(kind)} · {html.escape(str(info.run))}</p>"
-            f"<div class='cards'>{head_cards}</div><nav>{nav}</nav>" + "".join(doc.html) + "</main></body></html>")
-    md_head = f"# {title}\n\n{kind} · `{info.run}`\n\n" + \
-        (" · ".join(f"**{k}** {_fmt(v)}" for k, v in cards) + "\n\n" if cards else "")
-    atomic_write_text(out / "report.html", page)
-    atomic_write_text(out / "report.md", md_head + "".join(doc.md))
-    return {"html": str(out / "report.html"), "markdown": str(out / "report.md"),
-            "figures": [str(p) for p in doc.figures],
-            "kind": info.kind, "sections": [t for _, t in doc.toc], "notes": notes,
-            "confusion": info.confusion}
+            f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(_kind(info))} · "
+            f"{html.escape(str(info.run))}</p><div class='cards'>{cards}</div><nav>{nav}</nav>"
+            + "".join(doc.html) + "</section></main></body></html>")
+
+
+def _markdown(doc: _Doc, info: RunInfo, title: str) -> str:
+    cards = " · ".join(f"**{k}** {_fmt(v)}" for k, v in _headline(info))
+    return f"# {title}\n\n{_kind(info)} · `{info.run}`\n\n" + (cards + "\n\n" if cards else "") + "".join(doc.md)
 
 
 __all__ = ["RunInfo", "collect", "classify_val", "examples", "per_class", "write_report"]
