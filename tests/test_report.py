@@ -190,6 +190,26 @@ def test_report_of_a_classifier_shows_its_confusion_matrix(cls_run, cls_report, 
     assert "examples were not asked for" in res2["notes"]["examples"]
 
 
+def test_report_of_a_chat_run(tmp_path, trained_run):
+    from helpers import write_addition_pairs
+
+    pairs = write_addition_pairs(tmp_path / "pairs.jsonl")
+    cfg = resolve_finetune({"task": "chat", "base": str(trained_run),
+                            "data": {"train": str(pairs), "prompt_field": "question", "response_field": "answer"},
+                            "train": {"out_dir": str(tmp_path / "chat"), "batch_size": 8, "lr": 3e-3,
+                                      "progress": False, "device": "cpu", "log_every": 1, "seed": 3,
+                                      "max_steps": 12, "eval_every": 4}})
+    finetune(cfg, zenlm.load(str(trained_run)), log=quiet)
+    res = write_report(tmp_path / "chat", load=zenlm.load, verify=verify, log=quiet)
+    md, page = Path(res["markdown"]).read_text(), Path(res["html"]).read_text()
+    assert res["kind"] == "chat" and "fine-tuning: chat SFT" in md and not res["notes"]
+    assert_figures_in_md(md, tmp_path / "chat")
+    assert_self_contained(page)
+    assert "Add " in md.split("## Attention and attribution", 1)[1]  # a question from its own data
+    assert "Confusion matrix" not in res["sections"]
+    assert {Path(f).name for f in res["figures"]} == {"loss.png", "metrics.png", "attention.png"}
+
+
 def test_report_without_a_model_says_what_is_missing(cls_run, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(cls_run, bare, ignore=shutil.ignore_patterns("report"))
