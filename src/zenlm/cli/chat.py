@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from zenlm.cli.common import add_model_arg, add_sampling_args, load_for_text, sampling_config, show_prompt
+from zenlm.cli.common import (add_model_arg, add_policy_arg, add_sampling_args, load_for_text, load_policy,
+                              moderated, sampling_config, show_prompt)
 
 HELP = "/reset: forget the conversation   /system TEXT: set the system prompt   /exit: leave"
 
@@ -25,6 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--system", help="the system prompt to start with")
     p.add_argument("--show-prompt", action="store_true",
                    help="before each reply, print the prompt as the model sees it (to stderr)")
+    add_policy_arg(p)
     add_sampling_args(p, max_new_tokens=512)
     p.set_defaults(func=run)
 
@@ -33,10 +35,19 @@ def _note(text: str) -> None:
     print(f"[{text}]", file=sys.stderr, flush=True)
 
 
+def _keep_moderated(session, moderated):
+    """The moderated reply, with the history holding what the user saw: a blocked prompt is
+    not kept at all, a blocked reply is kept as the policy's message."""
+    yield from moderated
+    if moderated.blocked == "output" and session.messages:
+        session.messages[-1]["content"] = moderated.policy.message
+
+
 def run(args) -> int:
     from zenlm.errors import PromptTooLongError
     from zenlm.infer.chat import ChatSession
 
+    policy = load_policy(args.policy)
     loaded = load_for_text(args.model, args.dtype, args.quantize, args.compile, args.key_file)
     session = ChatSession(loaded.model, loaded.tokenizer, sampling_config(args), system=args.system)
     if sys.stdin.isatty():
@@ -75,12 +86,16 @@ def run(args) -> int:
             continue
         pieces = None
         try:
-            pieces = session.reply(text)
+            if policy is None:
+                pieces = session.reply(text)
+            else:
+                pieces = moderated(policy, text, lambda: session.reply(text))
+                pieces = _keep_moderated(session, pieces)
             if session.dropped and not warned:
                 warned = True
                 _note(f"the conversation is longer than the model's context ({c.max_seq_len} "
                       f"tokens): the oldest turns are dropped from now on (the system prompt is kept)")
-            if args.show_prompt:
+            if args.show_prompt and policy is None:
                 show_prompt(session.render(), len(session.last_prompt))
             for piece in pieces:
                 sys.stdout.write(piece)

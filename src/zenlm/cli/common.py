@@ -130,3 +130,35 @@ def resumed_config(run_dir: str, out: str | None) -> dict:
     raw = load_yaml(str(saved))
     raw.setdefault("train", {})["out_dir"] = str(run_dir)
     return raw
+
+
+def add_policy_arg(p) -> None:
+    p.add_argument("--policy", metavar="FILE",
+                   help="a moderation policy (YAML/JSON: regex, keyword and classifier rules with "
+                        "actions block, flag or log) applied to the prompt and the reply")
+
+
+def load_policy(path: str | None):
+    """The moderation policy of ``--policy`` (None without one); classifier rules are loaded
+    with ``zenlm.load``."""
+    if not path:
+        return None
+    import zenlm
+    from zenlm.infer.moderation import Policy
+
+    return Policy.load(path, load_model=zenlm.load)
+
+
+def moderated(policy, prompt: str, reply):
+    """``reply()``'s pieces under ``policy`` (as they are without one); flags and blocks are
+    noted on stderr, never in the text."""
+    if policy is None:
+        return reply()
+    from zenlm.infer.moderation import Moderated
+
+    def note(verdict) -> None:
+        rules = ", ".join(m["rule"] for m in verdict.matches)
+        sys.stderr.write(f"[moderation: {verdict.where} {verdict.action}: {rules}]\n")
+        sys.stderr.flush()
+
+    return Moderated(policy, prompt, reply, on_verdict=note)

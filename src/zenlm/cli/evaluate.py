@@ -8,6 +8,9 @@
 - ``--task classify``: a labelled table. A classifier from ``zenlm finetune classify`` uses its
   head; any other model is prompted zero-shot or few-shot (``--shots K`` from ``--train``) and
   the label words (``--labels 0=negative,1=positive``) are scored by log-likelihood.
+- ``--task crows-pairs``, ``--task counterfactual``, ``--task refusal``: bias and safety
+  (:mod:`zenlm.eval.fairness`, :mod:`zenlm.eval.safety`); CrowS-Pairs and XSTest are read from
+  ``shared/data`` beside the checkout when ``--data`` is not given.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from pathlib import Path
 
 from zenlm.cli.common import add_model_arg
 
+BIAS_SAFETY = ("crows-pairs", "counterfactual", "refusal")
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, multiple-choice or classification accuracy of a model")
     add_model_arg(p)
-    p.add_argument("--data", required=True, help="text file (ppl), JSONL (choice) or TSV/CSV/JSONL (classify)")
-    p.add_argument("--task", choices=["ppl", "choice", "classify"], default="ppl")
+    p.add_argument("--data", help="text file (ppl), JSONL (choice) or TSV/CSV/JSONL (classify, "
+                                   "counterfactual); CrowS-Pairs / XSTest folder or CSV")
+    p.add_argument("--task", choices=["ppl", "choice", "classify", *BIAS_SAFETY], default="ppl")
     p.add_argument("--seq-len", type=int, help="ppl: tokens per window (default: the model's context)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -44,12 +50,23 @@ def add_parser(sub) -> None:
                    help="prompting: divide out the label prior the prompt alone gives (contextual "
                         "calibration: label probabilities after content-free texts)")
     g.add_argument("--confusion", help="write the confusion matrix to this PNG")
+    from zenlm.cli.fairness_safety import add_args
+
+    add_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import zenlm
 
+    if args.task in BIAS_SAFETY:
+        from zenlm.cli.fairness_safety import run_task
+
+        return run_task(args)
+    if not args.data:
+        from zenlm.errors import ConfigError
+
+        raise ConfigError(f"--task {args.task} needs --data FILE")
     loaded = zenlm.load(args.model, key_file=args.key_file)
     if args.task == "ppl":
         res = _ppl(args, loaded)

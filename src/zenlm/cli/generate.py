@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from zenlm.cli.common import add_model_arg, add_sampling_args, load_for_text, sampling_config, show_prompt
+from zenlm.cli.common import (add_model_arg, add_policy_arg, add_sampling_args, load_for_text, load_policy,
+                              moderated, sampling_config, show_prompt)
 
 
 def add_parser(sub) -> None:
@@ -26,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--system", help="a system message (chat mode)")
     p.add_argument("--show-prompt", action="store_true",
                    help="print the prompt as the model sees it (template applied) to stderr")
+    add_policy_arg(p)
     add_sampling_args(p)
     p.set_defaults(func=run)
 
@@ -35,6 +37,7 @@ def run(args) -> int:
     from zenlm.infer import stream
 
     cfg = sampling_config(args)
+    policy = load_policy(args.policy)
     loaded = load_for_text(args.model, args.dtype, args.quantize, args.compile, args.key_file)
     tok = loaded.tokenizer
     chat = bool(tok.chat_template) if args.chat is None else args.chat
@@ -44,16 +47,28 @@ def run(args) -> int:
         if not tok.chat_template:
             raise TokenizerError(f"--chat: {args.model} has no chat template; use --raw")
         session = ChatSession(loaded.model, tok, cfg, system=args.system)
-        pieces = session.reply(args.prompt)  # checks the prompt fits
-        if args.show_prompt:
+        if policy is None:
+            pieces = session.reply(args.prompt)  # checks the prompt fits
+        else:  # the prompt is checked by the policy before the model sees it
+            pieces = moderated(policy, args.prompt, lambda: session.reply(args.prompt))
+        if args.show_prompt and session.last_prompt:
             show_prompt(session.render(), len(session.last_prompt))
     else:
         if args.system:
             raise TokenizerError("--system is for chat mode (drop --raw)")
-        pieces = stream(loaded.model, tok, args.prompt, cfg)  # checks the prompt fits
+        raw = stream(loaded.model, tok, args.prompt, cfg)  # checks the prompt fits
         if args.show_prompt:
             show_prompt(args.prompt, len(tok.encode_prompt(args.prompt)))
-        sys.stdout.write(args.prompt)
+        if policy is not None:
+            guard = moderated(policy, args.prompt, lambda: raw)
+            pieces = iter(guard)
+            first = next(pieces, "")  # the prompt's verdict: a blocked prompt is not echoed
+            if guard.blocked != "prompt":
+                sys.stdout.write(args.prompt)
+            sys.stdout.write(first)
+        else:
+            pieces = raw
+            sys.stdout.write(args.prompt)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -23,6 +23,7 @@ COMMANDS = {
     "audit": "zenlm.cli.audit",
     "encrypt": "zenlm.cli.crypt",  # encrypt and decrypt
     "card": "zenlm.cli.card",
+    "explain": "zenlm.cli.explain",
     "report": "zenlm.cli.report",
 }
 

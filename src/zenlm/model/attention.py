@@ -75,6 +75,9 @@ class Attention(nn.Module):
         self.causal = config.causal
         self.use_rope = config.pos == "rope"
         self.qkv = Projections.of("qkv_proj", config)
+        # Opt-in attention capture (zenlm.model.capture): a callable given this layer's q, k and
+        # the mask SDPA uses; None (the default) costs one attribute check per call.
+        self.capture = None
 
     def fuse_projections(self) -> None:
         """q/k/v in one matrix ``qkv_proj``, for inference (see :class:`Projections`);
@@ -101,6 +104,8 @@ class Attention(nn.Module):
         # whole cache; a chunk appended to a cache needs an explicit mask (passed in).
         # (t > 1 first: under torch.compile a one-token step then never looks at the dynamic past)
         is_causal = self.causal and attn_mask is None and t > 1 and past == 0
+        if self.capture is not None:
+            self.capture(q, k, attn_mask, is_causal)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,

@@ -128,6 +128,13 @@ class Transformer(nn.Module):
             block.mlp.fuse_projections()
         return self
 
+    def capture_attention(self, layers=None, heads=None):
+        """Record the attention maps of ``layers``/``heads`` while SDPA stays fused (a context
+        manager; see :mod:`zenlm.model.capture`)."""
+        from zenlm.model.capture import capture_attention
+
+        return capture_attention(self, layers, heads)
+
     # ------------------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
