@@ -205,7 +205,8 @@ def test_report_of_a_chat_run(tmp_path, trained_run):
     assert res["kind"] == "chat" and "fine-tuning: chat SFT" in md and not res["notes"]
     assert_figures_in_md(md, tmp_path / "chat")
     assert_self_contained(page)
-    assert "Add " in md.split("## Attention and attribution", 1)[1]  # a question from its own data
+    section = md.split("## Attention and attribution", 1)[1]
+    assert "Add " in section and "log p('It is" in section  # its own question and reference reply
     assert "Confusion matrix" not in res["sections"]
     assert {Path(f).name for f in res["figures"]} == {"loss.png", "metrics.png", "attention.png"}
 

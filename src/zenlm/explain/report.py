@@ -136,19 +136,26 @@ def classify_val(info: RunInfo, loaded) -> tuple[list[list[int]], list[str], str
     return res.confusion, list(model.labels), f"{Path(path).name}, scored now by the run's model"
 
 
-def example_text(info: RunInfo, tokenizer) -> str:
-    """A text from the run's own data, so the examples show what the model was trained on."""
+def example_text(info: RunInfo, tokenizer) -> tuple[str, str | None]:
+    """A text from the run's own data, so the examples show what the model was trained on, and
+    for a chat run the reference reply (attributed as a continuation of the templated prompt)."""
     d = info.config.get("data") or {}
     try:
         if info.kind == "classify" and (info.run / "val.jsonl").is_file():
             first = (info.run / "val.jsonl").read_text(encoding="utf-8").splitlines()[0]
-            return str(json.loads(first)[d.get("text_col", "text")])
+            return str(json.loads(first)[d.get("text_col", "text")]), None
         if info.kind == "chat":
             from zenlm.data.chat import read_conversations
 
             convs = read_conversations(d.get("val") or d["train"], messages_field=d.get("messages_field", "messages"),
                                        prompt_field=d.get("prompt_field"), response_field=d.get("response_field"))
-            return next(m["content"] for m in convs[0] if m["role"] == "user")
+            user = next(m for m in convs[0] if m["role"] == "user")
+            reply = next((m["content"] for m in convs[0] if m["role"] == "assistant"), None)
+            if tokenizer.chat_template and reply:
+                prompt = tokenizer.apply_chat_template([user], add_generation_prompt=True)
+                if len(tokenizer.encode(prompt + reply)) <= 2 * EXAMPLE_TOKENS:
+                    return prompt, reply
+            return user["content"], None
         if d.get("path") and (Path(d["path"]) / "val.bin").is_file():
             import numpy as np
 
@@ -157,24 +164,25 @@ def example_text(info: RunInfo, tokenizer) -> str:
             ids = [int(i) for i in ids if int(i) != tokenizer.eot_id][:EXAMPLE_TOKENS]  # the prompt adds its own
             text = tokenizer.decode(ids).strip()
             if text:
-                return text
+                return text, None
     except Exception:  # a moved or unreadable data file: any text will do for an example
         pass
-    return "The quick brown fox jumps over the lazy dog."
+    return "The quick brown fox jumps over the lazy dog.", None
 
 
 def examples(info: RunInfo, loaded, text: str | None, files: Path) -> dict:
     """One attention heat map (last layer, first two heads) and one attribution of ``text``:
-    the label the classifier predicts, or the language model's next token."""
+    the label the classifier predicts, a chat run's reference reply, or the language model's
+    next token."""
     from zenlm.explain.attention import plot_layer, text_attention
     from zenlm.explain.attribution import explain, label_target, lm_target
 
     model, tok = loaded.model, loaded.tokenizer
     if tok is None:
         raise ValueError("the run's model has no tokenizer")
-    text = text or example_text(info, tok)
+    text, reply = (text, None) if text else example_text(info, tok)
     ids = tok.encode(text)
-    if len(ids) > EXAMPLE_TOKENS:
+    if reply is None and len(ids) > EXAMPLE_TOKENS:
         text = tok.decode(ids[:EXAMPLE_TOKENS])
     backbone = getattr(model, "backbone", model)
     layer = backbone.config.n_layer - 1
@@ -182,7 +190,8 @@ def examples(info: RunInfo, loaded, text: str | None, files: Path) -> dict:
     tokens, maps = text_attention(model, tok, text, layers=[layer], heads=heads)
     got = max(maps)
     png = plot_layer(maps[got], tokens, files / "attention.png", layer=got, heads=heads)
-    target = label_target(model, tok, text) if hasattr(model, "labels") else lm_target(tok, text, model=model)
+    target = label_target(model, tok, text) if hasattr(model, "labels") else \
+        lm_target(tok, text, reply, model=model)  # no reply: the model's own next token
     attr = explain(model, tok, target)
     return {"text": text, "attention": png, "attention_layer": got, "heads": heads, "attribution": attr}
 
