@@ -25,6 +25,9 @@ COMMANDS = {
     "card": "zenlm.cli.card",
     "explain": "zenlm.cli.explain",
     "report": "zenlm.cli.report",
+    "embed": "zenlm.cli.embed",
+    "fill-mask": "zenlm.cli.fill_mask",
+    "serve": "zenlm.cli.serve",
 }
 
 

@@ -139,6 +139,41 @@ def _dtype(dtype):
     return dtype
 
 
+def embedding_spec(folder: str | os.PathLike, config):
+    """How ``folder``'s model makes sentence vectors (``zenlm.infer.embed.EmbedSpec``): what a
+    sentence-transformers folder declares (``modules.json``, ``1_Pooling/config.json``,
+    ``sentence_bert_config.json``), else an encoder's ``[CLS]`` state; None for a decoder."""
+    from zenlm.infer.embed import EmbedSpec
+
+    folder = Path(folder)
+    if config.causal:
+        return None
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return EmbedSpec(pooling="cls", normalize=False)
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        kinds = {m.get("type", "").rsplit(".", 1)[-1]: m.get("path", "") for m in modules}
+        pool_cfg = {}
+        if "Pooling" in kinds and (folder / kinds["Pooling"] / "config.json").is_file():
+            pool_cfg = json.loads((folder / kinds["Pooling"] / "config.json").read_text(encoding="utf-8"))
+        st_cfg = {}
+        if (folder / "sentence_bert_config.json").is_file():
+            st_cfg = json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        raise InteropError(f"{folder} has a sentence-transformers config that is not valid JSON") from None
+    if pool_cfg.get("pooling_mode_cls_token"):
+        pooling = "cls"
+    elif pool_cfg.get("pooling_mode_mean_tokens", "Pooling" in kinds):
+        pooling = "mean"
+    else:
+        modes = [k for k, v in pool_cfg.items() if k.startswith("pooling_mode") and v]
+        raise InteropError(f"{folder} pools with {', '.join(modes) or 'nothing'}; zenlm computes "
+                           f"mean and cls pooling")
+    return EmbedSpec(pooling=pooling, normalize="Normalize" in kinds,
+                     max_length=st_cfg.get("max_seq_length"))
+
+
 def load_hf_folder(folder: str | os.PathLike, *, device: str = "cpu", dtype=None,
                    max_seq_len: int | None = None):
     """(eval-mode model, tokenizer or None) from a Hugging Face folder (or hub snapshot)."""
@@ -151,9 +186,28 @@ def load_hf_folder(folder: str | os.PathLike, *, device: str = "cpu", dtype=None
     state = read_weights(folder)
     model = build_model(family, config, state, source=str(folder), dtype=dtype, device=device,
                         max_seq_len=max_seq_len)
+    if "BertForSequenceClassification" in (config.get("architectures") or []):
+        model = _bert_sequence_classifier(model, config, state, str(folder))
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
     tokenizer = Tokenizer.from_hf_folder(folder) if has_tokenizer else None
     return model, tokenizer
+
+
+def _bert_sequence_classifier(backbone, config: dict[str, Any], state: dict, source: str):
+    """A :class:`~zenlm.model.heads.Classifier` reading BERT's pooler through its
+    ``classifier`` layer (weight and bias), labelled as the config's ``id2label``."""
+    from zenlm.model.heads import Classifier
+
+    if "classifier.weight" not in state:
+        raise InteropError(f"{source} is a BertForSequenceClassification without classifier weights")
+    weight = state["classifier.weight"]
+    id2label = config.get("id2label") or {}
+    labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(weight.shape[0])]
+    clf = Classifier(backbone, labels, pooling="pooler", bias=True)
+    p = backbone.tok_emb.weight
+    clf.head.score.weight.data = weight.to(p.device, p.dtype).clone()
+    clf.head.score.bias.data = state["classifier.bias"].to(p.device, p.dtype).clone()
+    return clf.eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,6 +315,23 @@ def _as_sequence_classifier(classifier, hf_config: dict, state: dict, specials: 
     the pad token, which is zenlm's ``last`` pooling when padding uses ``pad_token_id``."""
     from zenlm.errors import UnsupportedArchitectureError
 
+    if not classifier.config.causal:  # BERT: the classifier reads the pooler
+        if classifier.head.pooling != "pooler" or hf_config.get("model_type") != "bert":
+            raise UnsupportedArchitectureError(
+                f"a BERT sequence classifier reads its pooler; this one pools "
+                f"{classifier.head.pooling!r} (fine-tune with --pooling pooler to export it)")
+        labels = classifier.labels
+        hf_config.update(architectures=["BertForSequenceClassification"], num_labels=len(labels),
+                         id2label={str(i): l for i, l in enumerate(labels)},
+                         label2id={l: i for i, l in enumerate(labels)})
+        for key in [k for k in state if k.startswith("cls.")]:
+            state.pop(key)
+        for key in [k for k in state if not k.startswith("bert.")]:
+            state["bert." + key] = state.pop(key)
+        state["classifier.weight"] = classifier.head.score.weight
+        bias = classifier.head.score.bias
+        state["classifier.bias"] = bias if bias is not None else classifier.head.score.weight.new_zeros(len(labels))
+        return
     if classifier.head.pooling != "last":
         raise UnsupportedArchitectureError(
             f"Hugging Face sequence classifiers pool the last token; this one pools "
