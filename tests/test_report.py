@@ -211,6 +211,25 @@ def test_report_of_a_chat_run(tmp_path, trained_run):
     assert {Path(f).name for f in res["figures"]} == {"loss.png", "metrics.png", "attention.png"}
 
 
+def test_report_of_a_dp_run_shows_the_epsilon_spent(tmp_path, trained_run, cls_run):
+    pytest.importorskip("opacus", reason="DP-SGD needs opacus")
+    cfg = resolve_finetune({"task": "classify", "base": str(trained_run),
+                            "data": {"train": collect(cls_run).config["data"]["train"], "text_col": "sentence"},
+                            "lora": {"r": 4, "targets": ["all"]},
+                            "train": {"out_dir": str(tmp_path / "dp"), "batch_size": 16, "grad_accum": 2,
+                                      "lr": 1e-2, "progress": False, "device": "cpu", "log_every": 1,
+                                      "seed": 3, "max_steps": 6, "eval_every": 3, "dp": {"epsilon": 8.0}}})
+    finetune(cfg, zenlm.load(str(trained_run)), log=quiet)
+    res = write_report(tmp_path / "dp", load=zenlm.load, with_examples=False, log=quiet)
+    md = Path(res["markdown"]).read_text()
+    privacy = json.loads((tmp_path / "dp" / "summary.json").read_text())["privacy"]
+    assert "differentially private" in md.splitlines()[2]
+    assert f"**ε spent** {privacy['epsilon']:.4g}" in md and f"| epsilon | {privacy['epsilon']:.4g} |" in md
+    evals = [r for r in metrics(tmp_path / "dp") if "epsilon" in r]
+    assert len(evals) == 2 and all(f"{r['epsilon']:.4g}" in md for r in evals)  # ε by evaluation
+    assert "metrics.png" in {Path(f).name for f in res["figures"]}
+
+
 def test_report_without_a_model_says_what_is_missing(cls_run, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(cls_run, bare, ignore=shutil.ignore_patterns("report"))

@@ -3,8 +3,8 @@
     PYTHONPATH=src python docs/reports/build.py [--shared ../shared/data]
 
 A 2-layer model is pretrained on Tiny Shakespeare for a few hundred steps, then fine-tuned
-twice from that run: a LoRA sentiment classifier on 2,000 rows of SST-2 and a chat SFT on
-addition questions. Each run's card is written to ``docs/reports/<kind>/``. The runs are tiny
+three times from that run: a LoRA sentiment classifier on 2,000 rows of SST-2, the same with
+DP-SGD at epsilon 8, and a chat SFT on addition questions. Each run's card is written to ``docs/reports/<kind>/``. The runs are tiny
 (seconds on two CPU cores), so the numbers only show what the card holds, not what zenlm can
 reach. Without the shared data sets the pretrain run falls back to the Python standard
 library's sources and the classifier to a keyword task.
@@ -85,6 +85,13 @@ def main() -> int:
                                "train": {**common, "out_dir": str(work / "classify"), "batch_size": 32,
                                          "lr": 5e-3, "max_steps": 200, "eval_every": 40}}),
              zenlm.load(str(work / "pretrain")), log=quiet)
+    finetune(resolve_finetune({"task": "classify", "base": str(work / "pretrain"),
+                               "data": {"train": str(work / "sentiment.tsv"), "text_col": "sentence"},
+                               "lora": {"r": 8, "targets": ["all"]},
+                               "train": {**common, "out_dir": str(work / "classify-dp"), "batch_size": 32,
+                                         "grad_accum": 4, "lr": 5e-3, "max_steps": 40, "eval_every": 10,
+                                         "dp": {"epsilon": 8.0}}}),
+             zenlm.load(str(work / "pretrain")), log=quiet)
     (work / "pairs.jsonl").write_text("".join(json.dumps({"question": f"Add {a} and {b}?", "answer": f"It is {a + b}."})
                                               + "\n" for a in range(10) for b in range(10)))
     finetune(resolve_finetune({"task": "chat", "base": str(work / "pretrain"),
@@ -98,7 +105,7 @@ def main() -> int:
         sig = check_signature(card)
         return f"valid ({sig['scheme']}, key {sig.get('key_id')})"
 
-    for kind in ("pretrain", "classify", "chat"):
+    for kind in ("pretrain", "classify", "classify-dp", "chat"):
         res = write_report(work / kind, HERE / kind, load=zenlm.load, verify=verify, log=quiet)
         sizes = {Path(p).name: Path(p).stat().st_size for p in [res["html"], res["markdown"], *res["figures"]]}
         print(kind, json.dumps(sizes), json.dumps(res["notes"]) if res["notes"] else "")
