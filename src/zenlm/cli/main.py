@@ -23,6 +23,8 @@ COMMANDS = {
     "audit": "zenlm.cli.audit",
     "encrypt": "zenlm.cli.crypt",  # encrypt and decrypt
     "card": "zenlm.cli.card",
+    "explain": "zenlm.cli.explain",
+    "report": "zenlm.cli.report",
     "embed": "zenlm.cli.embed",
     "fill-mask": "zenlm.cli.fill_mask",
     "serve": "zenlm.cli.serve",

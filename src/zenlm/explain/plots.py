@@ -89,3 +89,34 @@ def plot_confusion(confusion: list[list[int]], labels: list[str], png_path: str 
     ax.set_title(title)
     fig.tight_layout()
     return _save(fig, png_path)
+
+
+def plot_series(records: list[dict], keys: list[str], png_path: str | Path, title: str = "") -> Path | None:
+    """One small panel per metric against the step (accuracy, BLEU, epsilon, ...): metrics on
+    different scales each get their own axis instead of being squashed onto the loss's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))
+                  and not isinstance(r.get(k), bool) and "step" in r] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    n = len(series)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), dpi=100, squeeze=False)
+    for ax, (key, pts) in zip(axes.flat, series.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", lw=1.2, ms=3)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, png_path)

@@ -32,6 +32,9 @@ CARD = "card.json"
 FORMAT = "zenlm-card/1"
 SIGNING_KEY, PUBLIC_KEY, HMAC_KEY = "signing_key.pem", "signing_key.pub", "card_hmac.key"
 DATA_FILES = ("manifest.json", "tokenizer.json", "train.bin", "val.bin")
+# Folders of views made from a finished run (``zenlm report``), written after its card: not the
+# model, not hashed, so making a report does not break ``zenlm card verify``.
+VIEWS = ("report",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,7 +47,7 @@ def _visible(folder: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
         if p.is_file() and not any(part.startswith(".") for part in rel.parts) \
-                and rel.as_posix() not in exclude:
+                and rel.as_posix() not in exclude and rel.parts[0] not in VIEWS:
             out.append(p)
     return out
 
