@@ -19,6 +19,9 @@ COMMANDS = {
     "chat": "zenlm.cli.chat",
     "finetune": "zenlm.cli.finetune",
     "predict": "zenlm.cli.predict",
+    "index": "zenlm.cli.index",
+    "search": "zenlm.cli.search",
+    "ask": "zenlm.cli.ask",
 }
 
 

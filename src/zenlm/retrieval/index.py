@@ -446,8 +446,9 @@ class Index:
         return self.search_many([query], mode, k, rerank=rerank)[0]
 
     def search_many(self, queries: Sequence[str], mode: str = "hybrid", k: int = 10, *,
-                    rerank=None) -> list[list[Hit]]:
-        """Like :meth:`search` for many queries, in order, embedding them in batches."""
+                    rerank=None, query_vectors: np.ndarray | None = None) -> list[list[Hit]]:
+        """Like :meth:`search` for many queries, in order, embedding them in batches
+        (``query_vectors``: the queries already embedded by this index's embedder)."""
         if mode not in MODES:
             raise RetrievalError(f"unknown search mode '{mode}' (one of {', '.join(MODES)})")
         if k < 1:
@@ -455,7 +456,10 @@ class Index:
         reranker = _as_reranker(rerank if rerank is not None else self.reranker)
         want = max(k, self.rerank_depth) if reranker else k
         depth = max(want, self.fusion_depth) if mode == "hybrid" else want
-        qv = self._embed(list(queries)) if mode != "bm25" and queries else None
+        qv = None
+        if mode != "bm25" and queries:
+            qv = (as_unit_rows(query_vectors, len(queries), self.dim) if query_vectors is not None
+                  else self._embed(list(queries)))
         out = []
         for i, q in enumerate(queries):
             dense = self._dense(qv[i], depth) if qv is not None else []
