@@ -297,6 +297,16 @@ def test_hybrid_is_reciprocal_rank_fusion_of_the_two_rankings(corpus, embedder):
     assert rrf([dense, bm25]) == pytest.approx(fused)
 
 
+def test_int8_scan_finds_what_the_float_scan_finds(corpus, embedder):
+    pytest.importorskip("torch")
+    exact = Index(corpus[0], embedder)
+    fast = Index(corpus[0], embedder, int8=True)
+    for query in ("temporary files", "parse command line options", "mathematical functions"):
+        a, b = exact.search(query, "dense", k=5), fast.search(query, "dense", k=5)
+        assert [h.chunk_id for h in a] == [h.chunk_id for h in b]
+        assert [h.score for h in b] == pytest.approx([h.score for h in a], abs=1e-6)  # rescored in fp32
+
+
 def test_queries_with_fts5_syntax_do_not_crash(corpus, embedder):
     path, docs = corpus
     idx = Index(path, embedder)

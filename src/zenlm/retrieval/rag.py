@@ -84,9 +84,11 @@ def weak_retrieval(question: str, hits: list[Hit], min_cosine: float, min_covera
 
 
 def build_messages(question: str, hits: list[Hit]) -> list[dict]:
+    """The chunks by number only (file names and line numbers are noise a small model copies
+    into its answer); the numbers are mapped back to ``file:lines`` after."""
     sources = "\n\n".join(f"[{n}] {h.text}" for n, h in enumerate(hits, start=1))
-    user = (f"{sources}\n\nQuestion: {question}\nAnswer with the sentence of the sources that "
-            f"answers the question, and end with its source number in brackets, like [1].")
+    user = (f"Sources:\n\n{sources}\n\nQuestion: {question}\nAnswer the question with words "
+            f"from the sources, and cite the source you used, like [1].")
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
