@@ -511,7 +511,7 @@ class Index:
         import torch
 
         if self._int8 is None:
-            w = torch.from_numpy(np.ascontiguousarray(self._matrix()))
+            w = torch.from_numpy(np.array(self._matrix()))  # a copy: the map is read-only
             scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
             qw = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
             self._int8 = (qw, scale.to(torch.bfloat16))

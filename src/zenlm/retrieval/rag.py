@@ -133,7 +133,7 @@ def load_chat_model(model):
     return _MODELS[model]
 
 
-def ask(index, question: str, model="smollm2", k: int = 4, *, mode: str = "hybrid",
+def ask(index, question: str, model="smollm2", k: int = 3, *, mode: str = "hybrid",
         min_cosine: float = 0.3, max_new_tokens: int = 64, hits: list[Hit] | None = None,
         generate=None) -> Answer:
     """Answer ``question`` from the ``k`` best chunks of ``index``, citing them as ``[n]``.
