@@ -9,6 +9,8 @@ questions spread evenly over the 1,190 (every article represented). A gold answe
 contained when any of the question's reference answers occurs, case-insensitively. "Model-cited"
 counts answers where the model itself wrote a valid ``[n]``; the others were attributed by the
 citation checker (the chunk holding most of the answer's words) or flagged unsupported.
+"answer_has_gold" is the model's text alone; "quote_has_gold" is the supporting sentence the
+answer shows from its first cited chunk (the chunk's words, not the model's), reported apart.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def main() -> int:
             "attributed": a.attributed, "unsupported": a.unsupported,
             "retrieved_gold": gold_file in [h.path for h in a.hits],
             "first_cited_has_gold": bool(first and any(g in first.text for g in golds)),
-            "answer_has_gold": any(g.lower() in a.text.lower() for g in golds)})
+            "answer_has_gold": any(g.lower() in a.text.lower() for g in golds),
+            "quote": a.quote, "quote_has_gold": any(g.lower() in a.quote.lower() for g in golds)})
         if n % 10 == 0:
             print(f"{n}/{len(questions)} ({(time.perf_counter() - t0) / n:.1f} s per question)", flush=True)
     secs = time.perf_counter() - t0
@@ -80,7 +83,7 @@ def main() -> int:
               "attributed": share("attributed"), "unsupported": share("unsupported"),
               "found_nothing": 1 - share("found"), "gold_in_retrieved": share("retrieved_gold"),
               "first_cited_has_gold": share("first_cited_has_gold"),
-              "answer_has_gold": share("answer_has_gold")}
+              "answer_has_gold": share("answer_has_gold"), "quote_has_gold": share("quote_has_gold")}
     out = Path(args.out)
     atomic_write_json(out, result)
     atomic_write_text(out.with_suffix(".jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n"

@@ -83,6 +83,7 @@ def test_invalid_citation_numbers_are_caught(index, xquad):
     answer = ask(index, qa["question"], hits=hits,
                  generate=lambda messages: f"It was {gold} [7], as [1, 9] says [0].")
     assert answer.invalid == [7, 9, 0]
+    assert answer.quote and answer.quote in hits[0].text and len(answer.quote) < len(hits[0].text)
     assert list(answer.citations) == [1] and "[7]" not in answer.text and "[1]" in answer.text
     # no valid number at all: attributed to the chunk that holds the answer's words, and said so
     holder = next(n for n, h in enumerate(hits, start=1) if gold in h.text)

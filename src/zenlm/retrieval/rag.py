@@ -9,9 +9,13 @@ The steps, each one a guard against a way small models go wrong:
 2. The chunks go into the chat template's user turn as ``[1] file:lines`` + text, and the model
    is asked to answer briefly and cite ``[n]``.
 3. Citations are checked: a number that names no retrieved chunk is removed (and listed in
-   ``invalid``). An answer left with no valid citation is attributed to the chunk that contains
-   most of its words when one contains most of them (``attributed`` says so: it is the
-   checker's citation, not the model's); otherwise it is flagged ``unsupported``.
+   ``invalid``). An answer left with no valid citation is attributed to the best-ranked chunk
+   that contains most of its words (``attributed`` says so: it is the checker's citation, not
+   the model's); otherwise it is flagged ``unsupported``.
+4. The answer comes with ``quote``: the sentence of the first cited chunk that shares most
+   words with the question (then the answer), so a reader sees the evidence (a small model's own
+   words are often wrong where the chunk it read is right). It is the chunk's text, never the
+   model's, and is kept apart from ``text``.
 """
 
 from __future__ import annotations
@@ -42,12 +46,15 @@ class Answer:
     attributed: bool = False
     unsupported: bool = False
     raw: str = ""  # the model's text before the checks
+    quote: str = ""  # the supporting sentence of the first cited chunk (its text, verbatim)
 
     def sources(self) -> dict[int, str]:
         return {n: h.span for n, h in self.citations.items()}
 
     def render(self) -> str:
         lines = [self.text]
+        if self.quote:
+            lines.append(f"> {self.quote} [{next(iter(self.citations))}]")
         if self.citations:
             lines.append("")
             lines += [f"[{n}] {h.span}" for n, h in self.citations.items()]
@@ -59,7 +66,7 @@ class Answer:
         return {"question": self.question, "answer": self.text, "found": self.found,
                 "sources": {str(n): s for n, s in self.sources().items()},
                 "invalid_citations": self.invalid, "attributed": self.attributed,
-                "unsupported": self.unsupported, "raw": self.raw,
+                "unsupported": self.unsupported, "raw": self.raw, "quote": self.quote,
                 "retrieved": [h.to_json() for h in self.hits]}
 
 
@@ -109,14 +116,28 @@ def check_citations(raw: str, hits: list[Hit], min_support: float = 0.5) -> tupl
     attributed = unsupported = False
     if not cited and hits:
         words = _content_words(text)
-        scores = [_coverage(words, h.text) for h in hits]
-        best = max(range(len(hits)), key=lambda i: scores[i])
-        if words and scores[best] >= min_support:
-            cited, attributed = [best + 1], True
-            text = f"{text} [{best + 1}]"
+        # the best-ranked chunk that holds most of the answer's words: retrieval rank is the
+        # stronger evidence (a small model mixes in words from every chunk it was shown)
+        best = next((n for n, h in enumerate(hits, start=1) if _coverage(words, h.text) >= min_support), None)
+        if words and best is not None:
+            cited, attributed = [best], True
+            text = f"{text} [{best}]"
         else:
             unsupported = True
     return text, {n: hits[n - 1] for n in cited}, invalid, attributed, unsupported
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def supporting_quote(question: str, answer: str, chunk: str) -> str:
+    """The sentence of ``chunk`` covering most of the question's words, the answer's breaking
+    ties (a wrong answer's words must not outvote the question's)."""
+    q, a = list(dict.fromkeys(_content_words(question))), list(dict.fromkeys(_content_words(answer)))
+    sentences = [x.strip() for x in _SENTENCE.split(chunk) if x.strip()]
+    if not sentences or not (q or a):
+        return ""
+    return max(sentences, key=lambda x: (_coverage(q, x), _coverage(a, x)))
 
 
 def load_chat_model(model):
@@ -153,7 +174,8 @@ def ask(index, question: str, model="smollm2", k: int = 3, *, mode: str = "hybri
     messages = build_messages(question, hits)
     raw = (generate or _chat(model, max_new_tokens))(messages)
     text, cited, invalid, attributed, unsupported = check_citations(raw, hits)
-    return Answer(question, text, hits, True, cited, invalid, attributed, unsupported, raw)
+    quote = supporting_quote(question, text, next(iter(cited.values())).text) if cited else ""
+    return Answer(question, text, hits, True, cited, invalid, attributed, unsupported, raw, quote)
 
 
 def _chat(model, max_new_tokens: int):
