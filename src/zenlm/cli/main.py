@@ -19,6 +19,8 @@ COMMANDS = {
     "chat": "zenlm.cli.chat",
     "finetune": "zenlm.cli.finetune",
     "predict": "zenlm.cli.predict",
+    "embed": "zenlm.cli.embed",
+    "fill-mask": "zenlm.cli.fill_mask",
     "index": "zenlm.cli.index",
     "search": "zenlm.cli.search",
     "ask": "zenlm.cli.ask",
