@@ -95,6 +95,7 @@ def test_invalid_citation_numbers_are_caught(index, xquad):
 
 
 @pytest.mark.skipif(not hasattr(__import__("zenlm"), "embed"), reason="zenlm.embed (the encoder) is not here yet")
+@pytest.mark.slow
 @needs_smollm2
 def test_cli_ask_prints_sources(tmp_path, xquad):
     tree = tmp_path / "docs"
