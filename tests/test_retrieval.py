@@ -14,7 +14,6 @@ import sqlite3
 import sysconfig
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from helpers import run_cli
