@@ -23,6 +23,10 @@ class DataError(ZenlmError):
     """A corpus that is missing, empty or unreadable."""
 
 
+class RetrievalError(ZenlmError):
+    """An index folder that is missing or corrupt, or an embedder that does not match it."""
+
+
 class TokenizerError(ZenlmError):
     """A tokenizer that cannot be trained or loaded."""
 

@@ -28,8 +28,9 @@ COMMANDS = {
     "embed": "zenlm.cli.embed",
     "fill-mask": "zenlm.cli.fill_mask",
     "serve": "zenlm.cli.serve",
-    "explain": "zenlm.cli.explain",
-    "report": "zenlm.cli.report",
+    "index": "zenlm.cli.index",
+    "search": "zenlm.cli.search",
+    "ask": "zenlm.cli.ask",
 }
 
 

@@ -1,0 +1,35 @@
+"""`zenlm ask IDX "question" [--model smollm2]`: an answer from the index's best chunks, citing
+them as [n] -> file:lines; it says so when nothing relevant was found."""
+
+from __future__ import annotations
+
+import json
+
+from zenlm.cli.common import add_model_arg
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("ask", help="answer a question from an index, with citations")
+    p.add_argument("index", metavar="IDX")
+    p.add_argument("question")
+    add_model_arg(p, required=False, default="smollm2",
+                  help="the chat model that answers: 'smollm2' (default), a run or HF folder, .gguf")
+    p.add_argument("-k", type=int, default=3, help="how many chunks the model reads (default 3)")
+    p.add_argument("--mode", choices=["hybrid", "dense", "bm25"], default="hybrid")
+    p.add_argument("--min-cosine", type=float, default=0.3,
+                   help="below this best dense cosine (and with no chunk sharing most of the "
+                        "question's words) the answer is that nothing was found")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from zenlm.retrieval.index import Index
+    from zenlm.retrieval.rag import ask
+
+    with Index(args.index, create=False) as idx:
+        answer = ask(idx, args.question, args.model, k=args.k, mode=args.mode,
+                     min_cosine=args.min_cosine, max_new_tokens=args.max_new_tokens)
+    print(json.dumps(answer.to_json(), ensure_ascii=False) if args.json else answer.render())
+    return 0
