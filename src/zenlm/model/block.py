@@ -1,6 +1,8 @@
 """One pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-Which norm and which MLP are config switches, so GPT-2 and Llama share this class.
+Which norm and which MLP are config switches, so GPT-2 and Llama share this class. With
+``cross_attention`` (decoder blocks of an encoder-decoder) a cross-attention sub-layer to the
+encoder's output sits between the two: x + cross(norm(x), memory).
 """
 
 from __future__ import annotations
@@ -54,13 +56,18 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer)
+        self.cross_norm = make_norm(config) if config.cross_attention else None
+        self.cross_attn = Attention(config, layer, cross=True) if config.cross_attention else None
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self._drop(self.attn(self.attn_norm(x), rope, cache, attn_mask))
+        if self.cross_attn is not None:
+            x = x + self._drop(self.cross_attn(self.cross_norm(x), None, cache, memory_mask, kv=memory))
         return x + self._drop(self.mlp(self.mlp_norm(x)))
 
     def _drop(self, h: torch.Tensor) -> torch.Tensor:

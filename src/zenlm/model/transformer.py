@@ -22,6 +22,7 @@ from zenlm.model.block import Block, make_norm
 from zenlm.model.kv_cache import KVCache
 from zenlm.model.linear import Linear, is_plain_linear, linear
 from zenlm.model.loss import lm_loss
+from zenlm.model.positions import sinusoidal_table
 from zenlm.model.projections import FUSED_PARTS, part_sizes
 
 
@@ -71,6 +72,8 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
         if config.pos == "rope":
             self._set_rope_tables()
+        if config.pos == "sinusoidal":
+            self._set_pos_table()
         self.apply(self._init_weights)
         # Recompute each block's activations in backward instead of storing them: less memory
         # for longer sequences, at the price of one more forward. Set by the training loop.
@@ -82,6 +85,11 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_base, c.rope_scaling)
         self.register_buffer("rope_cos", cos.to(device, dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(device, dtype), persistent=False)
+
+    def _set_pos_table(self, device: torch.device | str | None = None,
+                       dtype: torch.dtype = torch.float32) -> None:
+        table = sinusoidal_table(self.config.max_seq_len, self.config.d_model)
+        self.register_buffer("pos_table", table.to(device, dtype), persistent=False)
 
     @classmethod
     def from_weights(cls, config: TransformerConfig, weights: dict[str, torch.Tensor]) -> "Transformer":
@@ -101,6 +109,8 @@ class Transformer(nn.Module):
         if config.pos == "rope":
             emb = model.tok_emb.weight
             model._set_rope_tables(emb.device, emb.dtype)
+        if config.pos == "sinusoidal":
+            model._set_pos_table(model.tok_emb.weight.device, model.tok_emb.weight.dtype)
         return model.eval()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -162,8 +172,13 @@ class Transformer(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, *,
                       attention_mask: torch.Tensor | None = None,
-                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      segment_ids: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                      memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d): what every task head reads.
+
+        ``memory`` (B, S, d) is what cross-attention blocks read (an encoder's output) and
+        ``memory_mask`` (B, S) its real tokens (1) and padding (0); under a cache the memory's
+        keys and values are projected on the first call and kept.
 
         ``attention_mask`` (B, S) marks real tokens (1) and padding (0) over every position so
         far, cached ones included (S = cache.pos + T). It lets rows of different lengths share a
@@ -198,8 +213,12 @@ class Transformer(nn.Module):
         else:
             positions = torch.arange(start, start + t, device=dev)
         x = self.tok_emb(idx)
+        if self.config.scale_embeddings:
+            x = x * math.sqrt(self.config.d_model)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
+        if self.config.pos == "sinusoidal":
+            x = x + self.pos_table[positions].to(x.dtype)
         x = self.drop(x)
         rope = None
         if self.config.pos == "rope":
@@ -217,11 +236,13 @@ class Transformer(nn.Module):
         elif cache is not None and start > 0 and t > 1:  # a chunk appended to a filled cache
             q_pos = torch.arange(start, start + t, device=dev)[:, None]
             mask = torch.arange(start + t, device=dev)[None, :] <= q_pos
+        mem_mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
         for block in self.blocks:
             if self.activation_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, mask, memory, mem_mask,
+                                                      use_reentrant=False)
             else:
-                x = block(x, rope, cache, mask)
+                x = block(x, rope, cache, mask, memory, mem_mask)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)
