@@ -8,6 +8,8 @@
 - ``--task classify``: a labelled table. A classifier from ``zenlm finetune classify`` uses its
   head; any other model is prompted zero-shot or few-shot (``--shots K`` from ``--train``) and
   the label words (``--labels 0=negative,1=positive``) are scored by log-likelihood.
+- ``--task translate``: an encoder-decoder translates ``--src`` (one sentence a line) and is
+  scored against ``--ref``: sacreBLEU with its signature, chrF, lower-cased tokenised BLEU.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from zenlm.cli.common import add_model_arg
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, multiple-choice or classification accuracy of a model")
     add_model_arg(p)
-    p.add_argument("--data", required=True, help="text file (ppl), JSONL (choice) or TSV/CSV/JSONL (classify)")
-    p.add_argument("--task", choices=["ppl", "choice", "classify"], default="ppl")
+    p.add_argument("--data", help="text file (ppl), JSONL (choice) or TSV/CSV/JSONL (classify)")
+    p.add_argument("--task", choices=["ppl", "choice", "classify", "translate"], default="ppl")
     p.add_argument("--seq-len", type=int, help="ppl: tokens per window (default: the model's context)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -44,12 +46,28 @@ def add_parser(sub) -> None:
                    help="prompting: divide out the label prior the prompt alone gives (contextual "
                         "calibration: label probabilities after content-free texts)")
     g.add_argument("--confusion", help="write the confusion matrix to this PNG")
+    g = p.add_argument_group("translate")
+    g.add_argument("--src", help="source sentences, one a line")
+    g.add_argument("--ref", help="reference translations, one a line")
+    g.add_argument("--hyp-out", help="also write the translations to this file")
+    from zenlm.cli.translate import add_translate_args
+
+    add_translate_args(g, own_batch_and_seed=False)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import zenlm
+    from zenlm.errors import ConfigError
 
+    if args.task == "translate":
+        res = _translate(args)
+        print(json.dumps(res) if args.json else
+              f"{res['n']} sentences: BLEU {res['bleu']:.2f}  chrF {res['chrf']:.2f}  "
+              f"BLEU (lower-cased, tokenised) {res['bleu_lc_tok']:.2f}\n{res['signature']}")
+        return 0
+    if not args.data:
+        raise ConfigError(f"--task {args.task} needs --data FILE")
     loaded = zenlm.load(args.model)
     if args.task == "ppl":
         res = _ppl(args, loaded)
@@ -67,6 +85,27 @@ def run(args) -> int:
             text += f"  length-normalised accuracy {res['accuracy_norm']:.4f}"
     print(json.dumps(res) if args.json else text)
     return 0
+
+
+def _translate(args) -> dict:
+    from zenlm.cli.translate import decode_config, load_translator
+    from zenlm.errors import ConfigError
+    from zenlm.eval.translate import read_lines, score_translations
+    from zenlm.infer.beam import translate
+    from zenlm.io import atomic_write_text
+
+    if not (args.src and args.ref):
+        raise ConfigError("--task translate needs --src FILE and --ref FILE")
+    cfg = decode_config(args)
+    srcs, refs = read_lines(args.src), read_lines(args.ref)
+    if len(srcs) != len(refs):
+        raise ConfigError(f"{args.src} has {len(srcs)} lines but {args.ref} has {len(refs)}")
+    loaded = load_translator(args.model)
+    hyps = translate(loaded.model, loaded.tokenizer, srcs, cfg=cfg, batch_size=args.batch_size)
+    if args.hyp_out:
+        atomic_write_text(args.hyp_out, "".join(h + "\n" for h in hyps))
+    return {**score_translations(hyps, refs).as_dict(), "beam": cfg.beam,
+            "length_penalty": cfg.length_penalty}
 
 
 def _ppl(args, loaded) -> dict:

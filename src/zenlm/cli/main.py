@@ -21,6 +21,8 @@ COMMANDS = {
     "predict": "zenlm.cli.predict",
     "keys": "zenlm.cli.keys",
     "audit": "zenlm.cli.audit",
+    "translate": "zenlm.cli.translate",
+    "average": "zenlm.cli.average",
 }
 
 
