@@ -419,9 +419,9 @@ def test_pickled_code_in_a_bin_is_refused(tmp_path):
 
 
 def test_unknown_architecture_is_refused_by_name(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"],
-                                                      "model_type": "bert"}))
-    with pytest.raises(UnsupportedArchitectureError, match="BertForMaskedLM is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"],
+                                                      "model_type": "mamba"}))
+    with pytest.raises(UnsupportedArchitectureError, match="MambaForCausalLM is not supported"):
         zenlm.load(tmp_path)
 
 

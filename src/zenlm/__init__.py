@@ -47,4 +47,19 @@ def generate(loaded, prompt: str, **sampling) -> str:
     return _generate(loaded.model, loaded.tokenizer, prompt, **sampling)
 
 
-__all__ = ["load", "export_hf", "export_gguf", "generate", "__version__"]
+def embed(texts, model="minilm", *, batch_size: int = 64, normalize: bool | None = None,
+          dtype: str = "fp32", device: str = "cpu"):
+    """Sentence vectors (a float32 ``numpy`` array, one row per text, in order) from an encoder.
+
+    ``model``: a name or path :func:`load` reads (default ``"minilm"``, all-MiniLM-L6-v2) or a
+    loaded encoder. Pooling is the model's own (mean for sentence-transformers folders that
+    say so, ``[CLS]`` otherwise); ``normalize`` defaults to what the model declares (MiniLM:
+    L2-normalised). ``dtype="int8"``: dynamically quantized int8 products, faster on a CPU.
+    """
+    from zenlm.interop.load import embedder
+
+    return embedder(model, dtype=dtype, device=device).encode(
+        list(texts), batch_size=batch_size, normalize=normalize)
+
+
+__all__ = ["load", "export_hf", "export_gguf", "generate", "embed", "__version__"]

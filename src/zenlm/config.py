@@ -44,9 +44,18 @@ class TransformerConfig:
     qkv_bias: bool = False  # biases on q/k/v only (Qwen2-style)
     tie_embeddings: bool = True
     dropout: float = 0.0
-    causal: bool = True
+    causal: bool = True  # False: bidirectional attention (encoders), padding masked out
     init_std: float = 0.02
     head_dim: int | None = None  # None: d_model // n_head
+    # Encoder switches (BERT): post-LN blocks (norm after each residual add, no final norm),
+    # a LayerNorm on the summed embeddings, token-type (segment) embeddings when > 0, and
+    # optional BERT heads on the backbone: the MLM transform + tied decoder with a bias, and
+    # the pooler (dense + tanh on [CLS]) that BERT's sequence classifiers read.
+    norm_position: Literal["pre", "post"] = "pre"
+    embed_norm: bool = False
+    type_vocab_size: int = 0
+    mlm_head: bool = False
+    pooler: bool = False
     # Encoder-decoder (translation): encoder_layers > 0 makes the model a Seq2Seq of an encoder
     # of that many blocks and a decoder of n_layer blocks whose blocks also cross-attend to the
     # encoder's output (cross_attention); both sides and the output head share tok_emb.
@@ -74,7 +83,8 @@ class TransformerConfig:
             else:
                 self.d_ff = 4 * self.d_model
         for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("pos", ("learned", "rope", "sinusoidal")),
-                              ("mlp", ("gelu", "gelu_exact", "swiglu"))):
+                              ("mlp", ("gelu", "gelu_exact", "swiglu")),
+                              ("norm_position", ("pre", "post"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.rope_scaling is not None:
@@ -88,6 +98,8 @@ class TransformerConfig:
                 raise ConfigError(f"model.rope_scaling ({kind}) needs {', '.join(missing)}")
         if self.encoder_layers < 0:
             raise ConfigError(f"model.encoder_layers must be 0 (a decoder only) or more, got {self.encoder_layers}")
+        if self.type_vocab_size < 0:
+            raise ConfigError(f"model.type_vocab_size must be 0 (none) or more, got {self.type_vocab_size}")
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -112,6 +124,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=True),
     "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, tie_embeddings=False,
                   rope_base=10000.0, norm_eps=1e-5),
+    # an encoder: bidirectional, post-LN, segment embeddings, and the MLM head it pretrains with
+    "bert": dict(norm="layernorm", pos="learned", mlp="gelu_exact", bias=True, tie_embeddings=True,
+                 causal=False, norm_position="post", embed_norm=True, type_vocab_size=2,
+                 mlm_head=True, norm_eps=1e-12),
 }
 
 HEAD_DIM = 64  # every dial point keeps 64-wide heads, so width and head count move together

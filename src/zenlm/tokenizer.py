@@ -24,7 +24,8 @@ from zenlm.errors import TokenizerError
 from zenlm.io import atomic_write_json, atomic_write_text, sha256_bytes
 
 EOT = "<|endoftext|>"
-SAME_AS_EOT = "<same as eot>"  # Tokenizer(bos=...) default: zenlm documents start after the EOT
+SAME_AS_EOT = "<same as eot>"
+BERT_SPECIALS = {"cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "pad": "[PAD]", "unk": "[UNK]"}  # Tokenizer(bos=...) default: zenlm documents start after the EOT
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -61,6 +62,48 @@ class Tokenizer:
         self.bos_id = hf_tokenizer.token_to_id(self.bos) if self.bos else None
         self.add_bos = (self.bos_id is not None) if add_bos is None else bool(add_bos and self.bos_id is not None)
         self.chat_template = chat_template
+        # Encoder (BERT) tokens: BERT's names where the vocabulary has them; from_hf_folder
+        # takes them from tokenizer_config.json instead
+        self.specials: dict[str, str] = {
+            name: tok for name, tok in BERT_SPECIALS.items() if hf_tokenizer.token_to_id(tok) is not None}
+        # A tokenizer.json may fix padding and truncation (MiniLM's pads every text to 128);
+        # zenlm pads batches itself and truncates only when asked, as transformers does.
+        hf_tokenizer.no_padding()
+        hf_tokenizer.no_truncation()
+
+    def special_id(self, name: str) -> int | None:
+        """The id of an encoder's named special token (``cls``, ``sep``, ``mask``, ``pad``,
+        ``unk``), or None."""
+        token = self.specials.get(name)
+        return self.hf.token_to_id(token) if token else None
+
+    @property
+    def mask_token(self) -> str | None:
+        return self.specials.get("mask")
+
+    @property
+    def mask_id(self) -> int | None:
+        return self.special_id("mask")
+
+    @property
+    def pad_id(self) -> int:
+        """The id padding uses: the tokenizer's pad token, else 0."""
+        pad = self.special_id("pad")
+        return 0 if pad is None else pad
+
+    def encode_inputs(self, texts: list[str], pairs: list[str] | None = None,
+                      max_length: int | None = None) -> list[tuple[list[int], list[int]]]:
+        """(ids, token_type_ids) per text as an encoder reads it: the post-processor's special
+        tokens added (BERT's ``[CLS] a [SEP] b [SEP]``), the longest part truncated first so
+        that at most ``max_length`` tokens remain (specials included)."""
+        if max_length is not None:
+            self.hf.enable_truncation(max_length, strategy="longest_first")
+        try:
+            inputs = texts if pairs is None else list(zip(texts, pairs))
+            encs = self.hf.encode_batch(inputs, add_special_tokens=True)
+        finally:
+            self.hf.no_truncation()
+        return [(e.ids, e.type_ids) for e in encs]
 
     @property
     def eos_id(self) -> int | None:
@@ -149,6 +192,7 @@ class Tokenizer:
         missing = [t for t in named if hf.token_to_id(t) is None]
         if missing:
             hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        specials = {name: token(f"{name}_token") for name in ("cls", "sep", "mask", "pad", "unk")}
         bos, eos = token("bos_token"), token("eos_token")
         add_bos = config.get("add_bos_token")
         if add_bos is None:  # not stated: does tokenizer.json's post-processor prepend the BOS?
@@ -161,7 +205,9 @@ class Tokenizer:
             template = named_templates.get("default") or next(iter(named_templates.values()), None)
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(hf, eot=eos, bos=bos, add_bos=bool(add_bos), chat_template=template)
+        out = cls(hf, eot=eos, bos=bos, add_bos=bool(add_bos), chat_template=template)
+        out.specials = {k: v for k, v in specials.items() if v and hf.token_to_id(v) is not None}
+        return out
 
     def save_hf_folder(self, folder: str | os.PathLike) -> list[Path]:
         """``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json`` that
@@ -171,7 +217,8 @@ class Tokenizer:
         added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
                           "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
                  for i, t in sorted(self.hf.get_added_tokens_decoder().items())}
-        specials = {"bos_token": self.bos, "eos_token": self.eot}
+        specials = {"bos_token": self.bos, "eos_token": self.eot,
+                    **{f"{k}_token": v for k, v in self.specials.items()}}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": added,
                   **specials, "add_bos_token": self.add_bos, "add_eos_token": False,
                   "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
@@ -193,6 +240,8 @@ class Tokenizer:
 
         data = json.loads(self.hf.to_str())
         post = data.get("post_processor") or {}
+        if "cls" in self.specials:  # an encoder's [CLS] ... [SEP] template: kept as it is
+            return json.dumps(data, ensure_ascii=False)
         if self.add_bos:
             a, b = ({"Sequence": {"id": s, "type_id": i}} for i, s in enumerate("AB"))
             bos = {"SpecialToken": {"id": self.bos, "type_id": 0}}

@@ -74,8 +74,8 @@ def add_parser(sub) -> None:
     c.add_argument("--text-col", help="column holding the text (default: text)")
     c.add_argument("--label-col", help="column holding the label (default: label)")
     c.add_argument("--class-weights", help="none, balanced, or one weight per class in label order")
-    c.add_argument("--pooling", choices=["auto", "last", "first", "mean"],
-                   help="how the head reads a sequence (default auto: last token for decoders)")
+    c.add_argument("--pooling", choices=["auto", "last", "first", "mean", "pooler"],
+                   help="how the head reads a sequence (default auto: last token for decoders, mean for encoders)")
     c.set_defaults(func=run, flags={**COMMON, **CLASSIFY})
     h = tasks.add_parser("chat", help="supervised fine-tuning on JSONL conversations (loss on assistant tokens)")
     _common(h)

@@ -84,7 +84,10 @@ def carve_val(n: int, fraction: float, max_rows: int | None, seed: int) -> tuple
 def encode_texts(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
     """Token ids of each stripped text (with the BOS where the model's prompts start with one),
     cut to ``max_len``; a text with no tokens becomes one end-of-text token, so every row has a
-    last token to pool."""
+    last token to pool. An encoder's tokenizer (BERT's) adds its ``[CLS]`` and ``[SEP]``,
+    which it was trained with and its pooling reads."""
+    if getattr(tokenizer, "specials", {}).get("cls"):  # an encoder's: [CLS] text [SEP], cut inside
+        return [ids for ids, _ in tokenizer.encode_inputs([t.strip() for t in texts], max_length=max_len)]
     out = []
     filler = tokenizer.eot_id if tokenizer.eot_id is not None else 0
     bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []

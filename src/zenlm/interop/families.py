@@ -288,3 +288,145 @@ register_hf(HFFamily(
     config_from_hf=llama_config_from_hf, weights_from_hf=llama_weights_from_hf,
     export_reason=llama_export_reason, config_to_hf=llama_config_to_hf,
     weights_to_hf=llama_weights_to_hf))
+
+
+# ----------------------------------------------------------------------------------------------
+# BERT and its relatives (MiniLM, sentence-transformers encoders): bidirectional, post-LN,
+# learned absolute positions, segment embeddings, exact GELU, biases everywhere
+
+_BERT_ARCHS = ("BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification")
+_BERT_ACT = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
+
+
+def bert_config_from_hf(c: dict[str, Any]) -> TransformerConfig:
+    arch = next((a for a in c.get("architectures") or [] if a in _BERT_ARCHS), "BertModel")
+    act = c.get("hidden_act", "gelu")
+    if act not in _BERT_ACT:
+        raise UnsupportedArchitectureError(f"{arch} with hidden_act={act!r} is not supported "
+                                           f"(zenlm has {', '.join(_BERT_ACT)})")
+    if c.get("position_embedding_type", "absolute") != "absolute":
+        raise UnsupportedArchitectureError(f"{arch} with position_embedding_type="
+                                           f"{c['position_embedding_type']!r} is not supported "
+                                           f"(zenlm has absolute)")
+    if c.get("is_decoder") or c.get("add_cross_attention"):
+        raise UnsupportedArchitectureError(f"{arch} as a decoder is not supported")
+    if not c.get("tie_word_embeddings", True) and arch in ("BertForMaskedLM", "BertForPreTraining"):
+        raise UnsupportedArchitectureError(f"{arch} with an untied decoder is not supported")
+    return TransformerConfig(
+        vocab_size=_need(c, "vocab_size", arch), n_layer=_need(c, "num_hidden_layers", arch),
+        n_head=_need(c, "num_attention_heads", arch), d_model=_need(c, "hidden_size", arch),
+        d_ff=_need(c, "intermediate_size", arch), max_seq_len=_need(c, "max_position_embeddings", arch),
+        norm="layernorm", norm_eps=c.get("layer_norm_eps", 1e-12), pos="learned",
+        mlp=_BERT_ACT[act], bias=True, tie_embeddings=True, dropout=0.0, causal=False,
+        norm_position="post", embed_norm=True, type_vocab_size=c.get("type_vocab_size", 2),
+        mlm_head=arch in ("BertForMaskedLM", "BertForPreTraining"),
+        pooler=arch in ("BertModel", "BertForSequenceClassification", "BertForPreTraining"),
+        init_std=c.get("initializer_range", 0.02))
+
+
+_BERT_NAMES = [  # (HF, zenlm), after the "bert." prefix is dropped
+    (r"embeddings\.word_embeddings\.weight", "tok_emb.weight"),
+    (r"embeddings\.position_embeddings\.weight", "pos_emb.weight"),
+    (r"embeddings\.token_type_embeddings\.weight", "type_emb.weight"),
+    (r"embeddings\.LayerNorm\.(weight|bias)", r"emb_norm.\1"),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.query\.(weight|bias)", r"blocks.\1.attn.q_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.key\.(weight|bias)", r"blocks.\1.attn.k_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.value\.(weight|bias)", r"blocks.\1.attn.v_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.o_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)", r"blocks.\1.attn_norm.\2"),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.up_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.down_proj.\2"),
+    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias)", r"blocks.\1.mlp_norm.\2"),
+    (r"pooler\.dense\.(weight|bias)", r"pooler.dense.\1"),
+    (r"cls\.predictions\.transform\.dense\.(weight|bias)", r"mlm_head.dense.\1"),
+    (r"cls\.predictions\.transform\.LayerNorm\.(weight|bias)", r"mlm_head.norm.\1"),
+    (r"cls\.predictions\.bias", "mlm_head.bias"),
+]
+# buffers, the tied decoder (the word embeddings again, and its bias is cls.predictions.bias),
+# and heads zenlm does not compute (next-sentence prediction; a classifier is read separately)
+_BERT_IGNORE = [r"embeddings\.position_ids", r"cls\.predictions\.decoder\.(weight|bias)",
+                r"cls\.seq_relationship\.(weight|bias)", r"classifier\.(weight|bias)"]
+
+
+def bert_weights_from_hf(state: dict[str, torch.Tensor], cfg: TransformerConfig) -> dict[str, torch.Tensor]:
+    state = {k.removeprefix("bert."): v for k, v in state.items()}
+    out = _rename(state, _BERT_NAMES, ignore=_BERT_IGNORE, source="BERT-family")
+    if not cfg.pooler:  # a pooler that the config did not ask for (kept only when declared)
+        out = {k: v for k, v in out.items() if not k.startswith("pooler.")}
+    return out
+
+
+def bert_export_reason(cfg: TransformerConfig) -> str | None:
+    wants = dict(causal=False, norm_position="post", pos="learned", norm="layernorm", bias=True,
+                 embed_norm=True, tie_embeddings=True)
+    for key, value in wants.items():
+        if getattr(cfg, key) != value:
+            return f"needs {key}={value!r}"
+    if cfg.mlp not in ("gelu", "gelu_exact"):
+        return "needs a GELU MLP"
+    if cfg.type_vocab_size < 1:
+        return "needs token-type embeddings (type_vocab_size >= 1)"
+    if cfg.n_kv_head != cfg.n_head or cfg.head_dim * cfg.n_head != cfg.d_model:
+        return "needs plain multi-head attention with head_dim = d_model / n_head"
+    return None
+
+
+def bert_config_to_hf(cfg: TransformerConfig) -> dict[str, Any]:
+    arch = "BertForMaskedLM" if cfg.mlm_head else "BertModel"
+    return {"architectures": [arch], "model_type": "bert", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "intermediate_size": cfg.d_ff,
+            "hidden_act": "gelu" if cfg.mlp == "gelu_exact" else "gelu_new",
+            "max_position_embeddings": cfg.max_seq_len, "type_vocab_size": cfg.type_vocab_size,
+            "layer_norm_eps": cfg.norm_eps, "initializer_range": cfg.init_std,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+            "position_embedding_type": "absolute", "tie_word_embeddings": True,
+            "is_decoder": False, "pad_token_id": 0}
+
+
+def bert_weights_to_hf(state: dict[str, torch.Tensor], cfg: TransformerConfig) -> dict[str, torch.Tensor]:
+    prefix = "bert." if cfg.mlm_head else ""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key == "lm_head.weight":
+            continue
+        name = _bert_name(key)
+        if name is None:
+            raise InteropError(f"zenlm weight {key} has no Hugging Face name")
+        out[name if name.startswith("cls.") else prefix + name] = value
+    if cfg.mlm_head:  # the decoder, tied: written out so every loader finds it
+        out["cls.predictions.decoder.weight"] = state["tok_emb.weight"]
+        out["cls.predictions.decoder.bias"] = state["mlm_head.bias"]
+    return out
+
+
+def _bert_name(key: str) -> str | None:
+    """The Hugging Face name of one zenlm BERT weight."""
+    fixed = {"tok_emb.weight": "embeddings.word_embeddings.weight",
+             "pos_emb.weight": "embeddings.position_embeddings.weight",
+             "type_emb.weight": "embeddings.token_type_embeddings.weight",
+             "mlm_head.bias": "cls.predictions.bias"}
+    if key in fixed:
+        return fixed[key]
+    m = re.match(r"^(emb_norm|pooler\.dense|mlm_head\.dense|mlm_head\.norm)\.(weight|bias)$", key)
+    if m:
+        part, kind = m.groups()
+        return {"emb_norm": "embeddings.LayerNorm", "pooler.dense": "pooler.dense",
+                "mlm_head.dense": "cls.predictions.transform.dense",
+                "mlm_head.norm": "cls.predictions.transform.LayerNorm"}[part] + "." + kind
+    m = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
+    if m is None:
+        return None
+    i, part, kind = m.groups()
+    layer = {"attn.q_proj": "attention.self.query", "attn.k_proj": "attention.self.key",
+             "attn.v_proj": "attention.self.value", "attn.o_proj": "attention.output.dense",
+             "attn_norm": "attention.output.LayerNorm", "mlp.up_proj": "intermediate.dense",
+             "mlp.down_proj": "output.dense", "mlp_norm": "output.LayerNorm"}.get(part)
+    return None if layer is None else f"encoder.layer.{i}.{layer}.{kind}"
+
+
+register_hf(HFFamily(
+    name="bert", architectures=_BERT_ARCHS, model_types=("bert",),
+    config_from_hf=bert_config_from_hf, weights_from_hf=bert_weights_from_hf,
+    export_reason=bert_export_reason, config_to_hf=bert_config_to_hf,
+    weights_to_hf=bert_weights_to_hf))

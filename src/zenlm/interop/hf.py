@@ -139,6 +139,41 @@ def _dtype(dtype):
     return dtype
 
 
+def embedding_spec(folder: str | os.PathLike, config):
+    """How ``folder``'s model makes sentence vectors (``zenlm.infer.embed.EmbedSpec``): what a
+    sentence-transformers folder declares (``modules.json``, ``1_Pooling/config.json``,
+    ``sentence_bert_config.json``), else an encoder's ``[CLS]`` state; None for a decoder."""
+    from zenlm.infer.embed import EmbedSpec
+
+    folder = Path(folder)
+    if config.causal:
+        return None
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return EmbedSpec(pooling="cls", normalize=False)
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        kinds = {m.get("type", "").rsplit(".", 1)[-1]: m.get("path", "") for m in modules}
+        pool_cfg = {}
+        if "Pooling" in kinds and (folder / kinds["Pooling"] / "config.json").is_file():
+            pool_cfg = json.loads((folder / kinds["Pooling"] / "config.json").read_text(encoding="utf-8"))
+        st_cfg = {}
+        if (folder / "sentence_bert_config.json").is_file():
+            st_cfg = json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        raise InteropError(f"{folder} has a sentence-transformers config that is not valid JSON") from None
+    if pool_cfg.get("pooling_mode_cls_token"):
+        pooling = "cls"
+    elif pool_cfg.get("pooling_mode_mean_tokens", "Pooling" in kinds):
+        pooling = "mean"
+    else:
+        modes = [k for k, v in pool_cfg.items() if k.startswith("pooling_mode") and v]
+        raise InteropError(f"{folder} pools with {', '.join(modes) or 'nothing'}; zenlm computes "
+                           f"mean and cls pooling")
+    return EmbedSpec(pooling=pooling, normalize="Normalize" in kinds,
+                     max_length=st_cfg.get("max_seq_length"))
+
+
 def load_hf_folder(folder: str | os.PathLike, *, device: str = "cpu", dtype=None,
                    max_seq_len: int | None = None):
     """(eval-mode model, tokenizer or None) from a Hugging Face folder (or hub snapshot)."""

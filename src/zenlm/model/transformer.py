@@ -1,4 +1,7 @@
-"""The decoder Transformer: embeddings -> blocks -> final norm -> tied or separate LM head.
+"""The Transformer: embeddings -> blocks -> final norm -> tied or separate LM head.
+
+Decoders and encoders are one class: ``causal=False`` with post-norm blocks, segment
+embeddings, an embedding norm and the MLM head is BERT (``config.FAMILIES["bert"]``).
 
 Read top to bottom: the family (GPT-2, Llama, ...) lives in :class:`TransformerConfig`, not in
 subclasses. ``forward`` returns logits for inference, or the loss when targets are given, so a
@@ -19,6 +22,7 @@ from torch import nn
 from zenlm.config import TransformerConfig
 from zenlm.model.attention import rope_tables
 from zenlm.model.block import Block, make_norm
+from zenlm.model.heads import MaskedLMHead, Pooler
 from zenlm.model.kv_cache import KVCache
 from zenlm.model.linear import Linear, is_plain_linear, linear
 from zenlm.model.loss import lm_loss
@@ -65,11 +69,16 @@ class Transformer(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.pos == "learned" else None
+        self.type_emb = nn.Embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
+        self.emb_norm = make_norm(config) if config.embed_norm else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = make_norm(config)
+        # post-norm blocks end in a norm already: no final one
+        self.norm = make_norm(config) if config.norm_position == "pre" else nn.Identity()
         # A tied head reuses tok_emb.weight in forward, so the weight exists once on disk too.
         self.lm_head = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
+        self.mlm_head = MaskedLMHead(config) if config.mlm_head else None
+        self.pooler = Pooler(config) if config.pooler else None
         if config.pos == "rope":
             self._set_rope_tables()
         if config.pos == "sinusoidal":
@@ -127,6 +136,8 @@ class Transformer(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, MaskedLMHead):
+            nn.init.zeros_(module.bias)
 
     def fuse_projections(self) -> "Transformer":
         """Fuse q/k/v and SwiGLU's gate/up into single matrices in every block, for inference:
@@ -143,8 +154,9 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_emb.weight.numel()
-            if self.pos_emb is not None:
-                n -= self.pos_emb.weight.numel()
+            for emb in (self.pos_emb, self.type_emb):
+                if emb is not None:
+                    n -= emb.weight.numel()
         return n
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
@@ -160,6 +172,8 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor | None:
         """The output head as one plain (vocab, d) matrix, or None where it is not one (a
         quantized head, a bias): what the chunked loss and the quantizers read."""
+        if self.mlm_head is not None:
+            return None
         if self.lm_head is None:
             return self.tok_emb.weight
         return self.lm_head.weight if is_plain_linear(self.lm_head) and self.lm_head.bias is None else None
@@ -167,12 +181,17 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The output head on hidden states (..., d) -> (..., vocab): the tied embedding, the
         model's own ``lm_head``, or whatever module replaced it (a quantized head). The one
-        place the head is applied."""
-        return linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
+        place the head is applied. With an MLM head (BERT) the states go through its transform
+        first and the decoder adds its bias."""
+        if self.mlm_head is not None:
+            h = self.mlm_head.transform(h)
+        out = linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
+        return out + self.mlm_head.bias if self.mlm_head is not None else out
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, *,
                       attention_mask: torch.Tensor | None = None,
-                      segment_ids: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | None = None,
+                      token_type_ids: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                       memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d): what every task head reads.
 
@@ -219,6 +238,10 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(positions)
         if self.config.pos == "sinusoidal":
             x = x + self.pos_table[positions].to(x.dtype)
+        if self.type_emb is not None:
+            x = x + (self.type_emb.weight[0] if token_type_ids is None else self.type_emb(token_type_ids))
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         x = self.drop(x)
         rope = None
         if self.config.pos == "rope":
@@ -250,12 +273,14 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, last_only: bool = False,
                 reduction: str = "mean", attention_mask: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with ``last_only``; the loss when ``targets`` is given.
 
-        Targets equal to -100 carry no loss (prompt masking, padding).
+        Targets equal to -100 carry no loss (prompt masking, padding, unmasked MLM positions).
         """
-        h = self.hidden_states(idx, cache, attention_mask=attention_mask, segment_ids=segment_ids)
+        h = self.hidden_states(idx, cache, attention_mask=attention_mask, segment_ids=segment_ids,
+                               token_type_ids=token_type_ids)
         if last_only:
             h = h[:, -1:, :]
         return self.logits(h) if targets is None else lm_loss(self, h, targets, reduction)

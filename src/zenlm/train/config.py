@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from zenlm.config import TransformerConfig, build, load_yaml, merge, parse_overrides
+from zenlm.data.masking import MaskingConfig
 from zenlm.errors import ConfigError
 
 
@@ -81,6 +82,8 @@ class RunConfig:
     model: TransformerConfig = field(default_factory=TransformerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # masked-LM pretraining of an encoder (model.causal: false): what is masked, and how
+    mlm: MaskingConfig = field(default_factory=MaskingConfig)
     # What `model.size: auto` measured and chose (zenlm.train.budget); kept in config.yaml so a
     # run says why it has its shape. Informational: resuming reads the resolved fields.
     auto: dict[str, Any] | None = None
@@ -108,6 +111,8 @@ def resolve(raw: dict[str, Any], *, log=print) -> RunConfig:
         manifest = Path(data_path) / "manifest.json"
         if manifest.is_file():
             vocab = json.loads(manifest.read_text())["vocab_size"]
+            if model.get("causal") is False:
+                vocab += 1  # room for the [MASK] token masked-LM pretraining adds
             model["vocab_size"] = 64 * ((vocab + 63) // 64)  # round up: faster matmuls
     raw["model"] = model
     if size == "auto":

@@ -58,7 +58,7 @@ class FinetuneMethod:
     freeze_embeddings: bool = False
     freeze_layers: int = 0  # the first N blocks do not train (and get no LoRA)
     class_weights: str = "none"  # none | balanced | w0,w1,... (in label order)
-    pooling: Literal["auto", "last", "first", "mean"] = "auto"
+    pooling: Literal["auto", "last", "first", "mean", "pooler"] = "auto"
     eval_batch_size: int = 64
 
 

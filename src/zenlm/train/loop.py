@@ -80,7 +80,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def pretrain(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
     """Train ``cfg.model`` on ``cfg.data``; returns a summary (also in the run folder)."""
-    from zenlm.train.task import LMTask
+    from zenlm.train.task import LMTask, MLMTask
 
     world = setup(cfg.train.device)
     try:
@@ -90,7 +90,7 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
 
             task = Seq2SeqTask(cfg)
         else:
-            task = LMTask(cfg)
+            task = LMTask(cfg) if cfg.model.causal else MLMTask(cfg)  # an encoder learns masked tokens
         summary = _run(task, cfg.train, world, resume, quiet)
         barrier(world)  # leave together (not after an error: the other rank may be gone)
         return summary

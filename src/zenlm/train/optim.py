@@ -19,7 +19,7 @@ def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 
     """AdamW groups: decay on matrices, none on vectors; with ``layer_decay`` < 1, one pair of
     groups per depth whose ``lr_scale`` is ``layer_decay ** (layers from the top)``.
 
-    Depth 0 is the embeddings, depth i+1 block i, depth L+1 everything above the blocks (final
+    Depth 0 is the embeddings (with an encoder's segment embeddings and their norm), depth i+1 block i, depth L+1 everything above the blocks (final
     norm, LM head, task heads), which keeps the full LR. Layer-wise decay (as in ELECTRA and
     BEiT fine-tuning) lets the task-specific top move fast while the general-purpose bottom
     layers change little. The loop multiplies each group's LR by its ``lr_scale``.
@@ -50,7 +50,7 @@ def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 
         layer = layer_of(name)
         if layer is not None:
             depth = layer + 1
-        elif "tok_emb" in name or "pos_emb" in name:
+        elif any(part in name for part in ("tok_emb", "pos_emb", "type_emb", "emb_norm")):
             depth = 0
         else:
             depth = top

@@ -175,4 +175,85 @@ class LMTask(Task):
                 f"bpb {rec['val_bpb']:.4f}")
 
 
-__all__ = ["Task", "LMTask", "trainable_weights", "load_partial"]
+class MLMTask(LMTask):
+    """Masked-LM pretraining of an encoder on the same prepared shards: windows of the token
+    stream, masked by BERT's rule (``zenlm.data.masking``) with the loop's generator (so a
+    resumed run masks exactly as the uninterrupted one), loss on the masked positions only.
+
+    The tokenizer ``zenlm prepare`` trains has no mask token: ``[MASK]`` is added as a special
+    token (its id the first after the vocabulary) and saved with the run, so ``fill-mask``
+    finds it."""
+
+    name = "mlm"
+    metric = "val_loss"
+    VAL_SEED = 1234  # validation masks are the same at every evaluation
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        from tokenizers import AddedToken
+
+        from zenlm.errors import ConfigError
+
+        tok = self.tokenizer
+        if tok.mask_id is None:
+            tok.hf.add_special_tokens([AddedToken("[MASK]", special=True, normalized=False)])
+            tok.specials["mask"] = "[MASK]"
+        if tok.mask_id >= cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} leaves no room for the "
+                              f"[MASK] token (id {tok.mask_id}): set it to at least {tok.mask_id + 1}")
+        self.mask_id = tok.mask_id
+        self.special_ids = sorted({i for i in (tok.eot_id, tok.bos_id, tok.mask_id,
+                                                *(tok.special_id(n) for n in ("cls", "sep", "pad")))
+                                   if i is not None})
+        self.token_bytes = None
+
+    def _mask(self, x: torch.Tensor, gen: torch.Generator):
+        from zenlm.data.masking import mask_tokens
+
+        return mask_tokens(x, gen, mask_id=self.mask_id, vocab_size=self.tokenizer.vocab_size,
+                           cfg=self.cfg.mlm, special_ids=self.special_ids)
+
+    def train_batch(self, gen: torch.Generator):
+        x, _ = self.data.train_batch(self.cfg.train.batch_size, self.seq_len, gen)
+        return self._mask(x, gen)
+
+    def batch_tokens(self, batch) -> int:
+        return batch[0].numel()
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return model(x, y)  # targets at the masked positions only (-100 elsewhere)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        import math
+
+        tc = self.cfg.train
+        was_training = model.training
+        model.eval()
+        gen = torch.Generator().manual_seed(self.VAL_SEED)
+        nats, right, count = 0.0, 0, 0
+        for x, _ in self.data.val_batches(tc.batch_size, self.seq_len, tc.eval_batches):
+            inp, tgt = self._mask(x, gen)
+            inp, tgt = inp.to(self.device), tgt.to(self.device)
+            keep = tgt != -100
+            logits = model(inp)[keep].float()
+            nats += float(torch.nn.functional.cross_entropy(logits, tgt[keep], reduction="sum"))
+            right += int((logits.argmax(-1) == tgt[keep]).sum())
+            count += int(keep.sum())
+        if was_training:
+            model.train()
+        loss = nats / max(count, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
+                "val_accuracy": right / max(count, 1), "val_masked": count}
+
+    def eval_line(self, rec: dict) -> str:
+        return (f"step {rec['step']}: val masked-token loss {rec['val_loss']:.4f}, "
+                f"accuracy {rec['val_accuracy']:.3f}")
+
+    def done_line(self, rec: dict) -> str:
+        return (f"val masked-token loss {rec['val_loss']:.4f}, ppl {rec['val_ppl']:.2f}, "
+                f"accuracy {rec['val_accuracy']:.3f}")
+
+
+__all__ = ["Task", "LMTask", "MLMTask", "trainable_weights", "load_partial"]
