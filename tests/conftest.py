@@ -20,9 +20,16 @@ from helpers import (CORPUS_BYTES, SHAKESPEARE, TRAINED_STEPS, VOCAB, head_at_li
 def pytest_configure(config):
     # The models here are tiny: one thread is as fast, and it does not fight other processes
     # on a shared 2-core machine. Subprocesses get OMP_NUM_THREADS=1 (helpers.cli_env).
+    import os
+    import tempfile
+
     import torch
 
     torch.set_num_threads(1)
+    # Runs sign their lineage cards with the user's keys: tests use a key folder of their own
+    # (subprocesses inherit it), never ~/.config/zenlm.
+    os.environ["ZENLM_HOME"] = tempfile.mkdtemp(prefix="zenlm-home-")
+    os.environ.pop("ZENLM_SIGNING_KEY", None)
 
 
 @pytest.fixture(scope="session")

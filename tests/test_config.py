@@ -30,7 +30,7 @@ def test_unknown_key_names_the_key_and_the_nearest_valid_one(raw, wrong, near):
 def test_unknown_key_without_a_near_one_lists_the_valid_keys():
     with pytest.raises(ConfigError) as info:
         build(RunConfig, {"zzzzzzzz": 1})
-    assert "valid keys: auto, data, model, train" in str(info.value)
+    assert "valid keys: auto, data, mlm, model, train" in str(info.value)
 
 
 def test_unknown_key_through_set_overrides():

@@ -194,14 +194,28 @@ def test_bert_model_and_sequence_classifier_folders(tmp_path):
     zenlm.export_hf(loaded, str(tmp_path / "out"))
     back, info = transformers.BertModel.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    # a sequence classifier folder: its encoder (the classifier layer itself is not read)
-    clf = transformers.BertForSequenceClassification(_tiny_bert_config(num_labels=3)).eval()
+    # a sequence classifier folder: a zenlm Classifier reading the pooler, in and out
+    torch.manual_seed(1)
+    clf = transformers.BertForSequenceClassification(
+        _tiny_bert_config(num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
+                          label2id={"a": 0, "b": 1, "c": 2})).eval()
+    _perturb(clf)
     clf.save_pretrained(tmp_path / "clf")
     loaded = zenlm.load(str(tmp_path / "clf"))
+    assert loaded.model.labels == ["a", "b", "c"] and loaded.model.head.pooling == "pooler"
+    lengths = mask.sum(1)
     with torch.no_grad():
-        ref = clf.bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
-        h = loaded.model.hidden_states(ids, attention_mask=mask, token_type_ids=types)
-    assert (h - ref)[mask.bool()].abs().max().item() < 1e-5
+        ref = clf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        ours = loaded.model(ids, lengths, token_type_ids=types)
+    assert (ours - ref).abs().max().item() < 1e-5
+    zenlm.export_hf(loaded, str(tmp_path / "clf_out"))
+    back, info = transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path / "clf_out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        again = back.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    assert (again - ref).abs().max().item() < 1e-5
+    assert back.config.id2label == {0: "a", 1: "b", 2: "c"}
 
 
 def test_bert_family_preset_builds_and_exports(tmp_path):

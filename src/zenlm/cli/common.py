@@ -18,6 +18,13 @@ def add_model_arg(p, *, required: bool = True, default: str | None = None,
     """``--model`` (``--run`` is the same option, kept from before models came from anywhere)."""
     p.add_argument("--model", "--run", dest="model", required=required, default=default,
                    metavar="RUN_OR_MODEL", help=help)
+    add_key_arg(p)
+
+
+def add_key_arg(p, help: str = "the key file of an encrypted model (zenlm encrypt); "
+                               "ZENLM_KEY or ZENLM_PASSPHRASE in the environment also work") -> None:
+    """``--key-file``: opens what ``zenlm encrypt`` sealed, and runs with sealed checkpoints."""
+    p.add_argument("--key-file", metavar="FILE", help=help)
 
 
 class _QuantizeAlias(argparse.Action):
@@ -74,7 +81,8 @@ def sampling_config(args):
                           stop=args.stop, seed=args.seed)
 
 
-def load_for_text(source: str, dtype: str = "fp32", quantize: str = "none", compile: bool = False):
+def load_for_text(source: str, dtype: str = "fp32", quantize: str = "none", compile: bool = False,
+                  key_file: str | None = None):
     """``zenlm.load`` for commands that read and write text (the model must have a tokenizer),
     readied for decoding by the one policy, ``zenlm.infer.prepare``."""
     import zenlm
@@ -82,7 +90,7 @@ def load_for_text(source: str, dtype: str = "fp32", quantize: str = "none", comp
     from zenlm.infer.prepare import check_options, prepare_for_decoding
 
     check_options(dtype, quantize)  # before the load, which can take seconds
-    loaded = zenlm.load(source)
+    loaded = zenlm.load(source, key_file=key_file)
     if loaded.tokenizer is None:
         raise TokenizerError(f"{source} has no tokenizer (a folder needs tokenizer.json, or "
                              f"vocab.json + merges.txt)")

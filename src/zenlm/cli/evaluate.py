@@ -68,7 +68,7 @@ def run(args) -> int:
         return 0
     if not args.data:
         raise ConfigError(f"--task {args.task} needs --data FILE")
-    loaded = zenlm.load(args.model)
+    loaded = zenlm.load(args.model, key_file=args.key_file)
     if args.task == "ppl":
         res = _ppl(args, loaded)
         text = (f"tokens {res['tokens']:,}  bytes {res['bytes']:,}\nloss {res['loss']:.4f}  "

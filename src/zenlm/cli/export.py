@@ -61,7 +61,7 @@ def run(args) -> int:
     import zenlm
 
     model, dtype, quantize = _options(args)
-    loaded = zenlm.load(model)
+    loaded = zenlm.load(model, key_file=args.key_file)
     if args.format == "hf":
         out = zenlm.export_hf(loaded, args.out, dtype=HF_DTYPES[dtype])
         print(f"wrote {out}/ (Hugging Face {HF_DTYPES[dtype]} folder)")

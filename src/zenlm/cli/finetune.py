@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zenlm.cli.common import MODEL_HELP, add_minutes_arg, add_resume_arg, resumed_config
+from zenlm.cli.common import MODEL_HELP, add_key_arg, add_minutes_arg, add_resume_arg, resumed_config
 
 # flag -> config key; a flag left out leaves the recipe's value or the default
 COMMON = {
@@ -34,6 +34,8 @@ CHAT = {"prompt_field": "data.prompt_field", "response_field": "data.response_fi
 
 def _common(p) -> None:
     p.add_argument("--model", metavar="RUN_OR_MODEL", help=f"the model to start from: {MODEL_HELP}")
+    add_key_arg(p, help="the key file of an encrypted base model (to write encrypted "
+                        "checkpoints: --set train.encrypt_key_file=FILE)")
     p.add_argument("--train", help="the training file")
     p.add_argument("--val", help="a validation file (default: carve --val-fraction of --train)")
     p.add_argument("--format", choices=["tsv", "csv", "jsonl"], help="file format (default: from the name)")
@@ -124,7 +126,7 @@ def run(args) -> int:
         _put(raw, "data.pack", False)
     cfg = resolve_finetune(merge(raw, parse_overrides(args.overrides)))
     print(f"loading {cfg.base} ...", flush=True)
-    base = zenlm.load(cfg.base)
+    base = zenlm.load(cfg.base, key_file=args.key_file)
     summary = finetune(cfg, base, resume=bool(args.resume))
     if summary.get("task") == "classify" and summary.get("val"):
         run_dir = Path(summary["run"])

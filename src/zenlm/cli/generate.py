@@ -35,7 +35,7 @@ def run(args) -> int:
     from zenlm.infer import stream
 
     cfg = sampling_config(args)
-    loaded = load_for_text(args.model, args.dtype, args.quantize, args.compile)
+    loaded = load_for_text(args.model, args.dtype, args.quantize, args.compile, args.key_file)
     tok = loaded.tokenizer
     chat = bool(tok.chat_template) if args.chat is None else args.chat
     if chat:

@@ -23,6 +23,8 @@ COMMANDS = {
     "audit": "zenlm.cli.audit",
     "translate": "zenlm.cli.translate",
     "average": "zenlm.cli.average",
+    "encrypt": "zenlm.cli.crypt",  # encrypt and decrypt
+    "card": "zenlm.cli.card",
     "embed": "zenlm.cli.embed",
     "fill-mask": "zenlm.cli.fill_mask",
 }

@@ -35,12 +35,13 @@ def run(args) -> int:
     from zenlm.infer.prepare import check_options, prepare_for_decoding
 
     check_options(args.dtype, "none")
-    loaded = zenlm.load(args.model)
+    loaded = zenlm.load(args.model, key_file=args.key_file)
     classifier = loaded.model
     if not hasattr(classifier, "labels"):
         raise ConfigError(f"{args.model} is not a classifier (train one with `zenlm finetune classify`)")
     prepare_for_decoding(classifier, args.dtype)  # LoRA merged: one product per projection
-    data_cfg = yaml.safe_load((Path(args.model) / "config.yaml").read_text()).get("data") or {}
+    saved = Path(args.model) / "config.yaml"  # absent when the run is encrypted (sealed folder)
+    data_cfg = (yaml.safe_load(saved.read_text()).get("data") or {}) if saved.is_file() else {}
     columns, rows = read_table(args.input, args.format)
     text_col = args.text_col
     if text_col is None:

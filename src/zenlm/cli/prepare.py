@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
                    help="tail: last fraction of each source; docs: whole documents by hash; auto: docs when many")
     p.add_argument("--field", default="text", help="JSONL field that holds the text (default: text)")
     p.add_argument("--suffix", action="append", help="inside folders, keep only files with this ending (repeatable)")
+    p.add_argument("--scrub-pii", action="store_true",
+                   help="replace emails, phone numbers, IP addresses and Luhn-valid card numbers by "
+                        "<EMAIL>, <PHONE>, <IP>, <CARD> (counts go into manifest.json)")
     p.set_defaults(func=run)
 
 
@@ -45,5 +48,6 @@ def run(args) -> int:
     prepare(PrepareConfig(inputs=args.inputs, out=args.out, tokenizer=args.tokenizer,
                           vocab_size=args.vocab_size, val_fraction=args.val_fraction,
                           val_split=args.val_split, field=args.field,
-                          suffixes=tuple(args.suffix) if args.suffix else None))
+                          suffixes=tuple(args.suffix) if args.suffix else None,
+                          scrub_pii=args.scrub_pii))
     return 0

@@ -41,6 +41,7 @@ class PrepareConfig:
     field: str = "text"  # JSONL field holding the text
     suffixes: tuple[str, ...] | None = None  # keep only these file endings inside folders
     tokenizer_max_bytes: int = 100 << 20
+    scrub_pii: bool = False  # replace emails, phones, IPs, card numbers by tokens (data/pii.py)
     sources: list[Source] = dataclasses.field(default_factory=list, repr=False)
 
 
@@ -124,6 +125,12 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    scrubber = None
+    if cfg.scrub_pii:  # before the tokenizer too: a frequent address must not become a token
+        from zenlm.data.pii import Scrubber
+
+        scrubber = Scrubber()
+    clean = scrubber if scrubber is not None else (lambda text: text)
 
     if cfg.tokenizer:
         tok = Tokenizer.load(cfg.tokenizer)
@@ -132,7 +139,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
 
         def capped() -> Iterator[str]:
             nonlocal budget
-            for text in iter_texts(sources, cfg.field):
+            for text in map(Scrubber() if scrubber else clean, iter_texts(sources, cfg.field)):
                 if budget <= 0:
                     return
                 budget -= len(text)
@@ -158,6 +165,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         files = {k: stack.enter_context(open(p, "wb")) for k, p in tmp.items()}
         for src in sources:
             for text, to_val, starts_doc in _segments(src, cfg, mode):
+                text = clean(text)
                 side = "val" if to_val else "train"
                 ids: list[int] = [tok.eot_id] if starts_doc else []
                 for piece in tok.encode_batch(split_natural(text)):
@@ -182,9 +190,13 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         "train_tokens": counts["train"][0], "train_bytes": counts["train"][1],
         "val_tokens": counts["val"][0], "val_bytes": counts["val"][1],
         "sources": [{"path": str(s.path), "bytes": s.size, "sha256": sha256_file(s.path)} for s in sources],
+        "pii": scrubber.summary() if scrubber else {"scrubbed": False},
         "seconds": round(time.time() - t0, 2),
     }
     atomic_write_json(out / "manifest.json", manifest)
     log(f"wrote {counts['train'][0]:,} train and {counts['val'][0]:,} val tokens to {out} "
         f"({manifest['seconds']}s, split={mode})")
+    if scrubber:
+        found = ", ".join(f"{n} {k}" for k, n in scrubber.counts.items() if n) or "nothing found"
+        log(f"PII scrubbed: {found}")
     return manifest

@@ -6,7 +6,8 @@ to a batch (few calls). Rows come back in the caller's order.
 
 How a model pools is part of the model: a sentence-transformers folder says it in
 ``1_Pooling/config.json`` (all-MiniLM-L6-v2: the mean over real tokens, then normalised),
-a plain encoder gets its ``[CLS]`` state. :class:`EmbedSpec` carries that choice, read by the
+a plain Hugging Face encoder gets its ``[CLS]`` state, and an encoder zenlm pretrained (its
+tokenizer has no ``[CLS]``) the mean. :class:`EmbedSpec` carries that choice, read by the
 loader (``zenlm.interop.hf.embedding_spec``).
 
 ``dtype="int8"``: every projection of the blocks as a dynamically quantized int8 product
@@ -41,14 +42,14 @@ class EmbedSpec:
 
 class DynamicInt8Linear(nn.Module):
     """A frozen linear layer as int8 weights (one scale per output row) whose inputs are
-    quantized per call and multiplied in an int8 GEMM.
+    quantized per call and multiplied in an int8 GEMM (full 8-bit activations).
 
-    The GEMM quantizes its input with one scale for the whole batch, and an encoder's rows are
-    far apart in size (``[CLS]``/``[SEP]`` states are several times larger than words'), so
-    one scale would give small rows a few levels. Each row is divided by its own largest value
-    first and the product multiplied back, which makes the quantization per row."""
+    The GEMM quantizes its input with one scale for the whole batch. Where rows are far apart
+    in size that gives the small ones few levels; ``per_row`` divides each row by its own
+    largest value first and multiplies the product back, making the quantization per row at
+    the price of two elementwise passes."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, per_row: bool = False):
         super().__init__()
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
@@ -58,24 +59,31 @@ class DynamicInt8Linear(nn.Module):
         with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated
             warnings.simplefilter("ignore")
             qweight = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-        self.packed = torch.ops.quantized.linear_prepack(qweight, None)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        b = None if bias is None else bias.detach().float().contiguous()
+        self.per_row = per_row
+        # per row, the bias is added after the product is scaled back
+        self.packed = torch.ops.quantized.linear_prepack(qweight, None if per_row else b)
+        self.register_buffer("bias", b.clone() if per_row and b is not None else None)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
-        rows = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-        # full 8-bit range (reduce_range=False): rows scaled to [-1, 1] quantize finely
-        y = torch.ops.quantized.linear_dynamic(x2 / rows, self.packed, False)
-        y = y * rows if self.bias is None else torch.addcmul(self.bias, y, rows)
+        if not self.per_row:
+            y = torch.ops.quantized.linear_dynamic(x2, self.packed, False)
+        else:
+            rows = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True).clamp_(min=1e-12)
+            y = torch.ops.quantized.linear_dynamic(x2 / rows, self.packed, False)
+            y = y.mul_(rows) if self.bias is None else torch.addcmul(self.bias, y, rows)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
-# Projections left in fp32 under int8: the MLP's down projection reads GELU outputs, whose
-# few large channels per row lose the most to 8 bits (the embedding's cosine to fp32 with it
-# quantized too falls short of what zenlm promises; see bench/embed.py).
-INT8_KEEP_FLOAT = ("down_proj",)
+# How each projection of a block goes int8, chosen by the embeddings' cosine to fp32 on
+# all-MiniLM-L6-v2 (bench/embed.py): q/k/v read a LayerNorm's rows, even enough for one scale;
+# the attention output and the MLM's up projection need per-row scales; the down projection
+# reads GELU outputs, whose few large channels lose the most to 8 bits, and stays fp32.
+INT8_PLAN = {"qkv_proj": "tensor", "q_proj": "tensor", "k_proj": "tensor", "v_proj": "tensor",
+             "o_proj": "row", "up_proj": "row", "down_proj": "float"}
 
 
 def int8_available() -> bool:
@@ -88,8 +96,8 @@ def int8_available() -> bool:
 
 @torch.no_grad()
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
-    """The blocks' projections of a zenlm Transformer (but INT8_KEEP_FLOAT) as
-    :class:`DynamicInt8Linear`, in place (q/k/v fused first: one larger product). Embeddings,
+    """The blocks' projections of a zenlm Transformer as :class:`DynamicInt8Linear` where
+    INT8_PLAN says, in place (q/k/v fused first: one larger product). Embeddings,
     norms and heads stay float."""
     from zenlm.infer.quantize import replace_projections
 
@@ -97,8 +105,12 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
         raise ConfigError("int8 embeddings need torch's FBGEMM/x86 quantized engine, which this "
                           "torch build lacks: use dtype=fp32")
     model.fuse_projections()
-    replace_projections(model, lambda name, lin: None if name in INT8_KEEP_FLOAT
-                        else DynamicInt8Linear(lin.weight, lin.bias))
+
+    def make(name: str, lin: nn.Linear):
+        plan = INT8_PLAN.get(name, "row")
+        return None if plan == "float" else DynamicInt8Linear(lin.weight, lin.bias, per_row=plan == "row")
+
+    replace_projections(model, make)
     return model.eval()
 
 

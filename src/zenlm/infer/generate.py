@@ -2,8 +2,10 @@
 
 :func:`stream` yields the text of one completion as it becomes final (holding back the bytes of
 an unfinished character and text that might be the start of a stop string); :func:`generate`
-joins it; :func:`generate_batch` completes prompts of different lengths together, left-padded
-in one batch, which is where a CPU gets most of its decoding throughput.
+joins it; :func:`generate_batch` completes prompts of different lengths together, one forward
+a step for the whole batch, which is where a CPU gets most of its decoding throughput.
+:func:`prefill_row` and :func:`decode_rows` are the steps of that loop, over a KV cache with a
+length per row; the continuous-batching engine (``infer/engine.py``) runs the same two.
 """
 
 from __future__ import annotations
@@ -97,12 +99,41 @@ def compile_decoding(model, **compile_kwargs) -> None:
     model.decode_forward = torch.compile(model.forward, **compile_kwargs)
 
 
+def prefill_row(model, cache, slot: int, ids: list[int], start: int = 0,
+                chunk: int | None = None) -> torch.Tensor:
+    """Feed ``ids[start:]`` into ``slot`` of a per-row cache whose row holds ``start`` positions,
+    ``chunk`` tokens a forward; the last position's logits (1, V). Shared with the engine."""
+    device = model.tok_emb.weight.device
+    chunk = chunk or len(ids)
+    logits = None
+    while start < len(ids):
+        n = min(chunk, len(ids) - start)
+        view = cache.rows(slot, 1, [start])
+        logits = model(torch.tensor([ids[start:start + n]], device=device), cache=view, last_only=True)[:, -1]
+        start = view.lengths[0]
+        cache.lengths[slot] = start
+    return logits
+
+
+def decode_rows(forward, cache, tokens: torch.Tensor, live: list[bool] | None = None) -> torch.Tensor:
+    """One token (B, 1) for rows 0..B of a per-row cache, each at its own length, in one forward;
+    rows not ``live`` sit it out. Logits (B, V). Shared with the engine."""
+    b = tokens.shape[0]
+    view = cache.rows(0, b, cache.lengths[:b], live)
+    logits = forward(tokens, cache=view, last_only=True)[:, -1]
+    cache.lengths[:b] = view.lengths
+    return logits
+
+
 @torch.inference_mode()  # not only no_grad: no version counters or views tracked, fewer steps per op
 def token_steps(model, rows: list[list[int]], cfg: SamplingConfig) -> Iterator[torch.Tensor]:
-    """Next-token ids (B,) at every step, for prompts of any lengths (left-padded together).
+    """Next-token ids (B,) at every step, for prompts of any lengths, decoded together.
 
     The caller decides when to stop (EOS, stop strings); the step budget here is
-    ``cfg.max_new_tokens`` or what the context leaves, whichever is smaller.
+    ``cfg.max_new_tokens`` or what the context leaves, whichever is smaller. The KV cache has
+    one row per prompt at its own length (prompts of one length prefill together, others one by
+    one), and every step is one forward for all rows: the engine's decode step
+    (:func:`decode_rows`), with one settings and one random stream for the whole batch.
     """
     model.eval()
     device = model.tok_emb.weight.device
@@ -114,16 +145,15 @@ def token_steps(model, rows: list[list[int]], cfg: SamplingConfig) -> Iterator[t
     if cfg.seed is not None:
         gen = torch.Generator(device=device)
         gen.manual_seed(cfg.seed)
-    ragged = any(len(r) != longest for r in rows)
-    idx = torch.tensor([[r[0]] * (longest - len(r)) + r for r in rows], device=device)
-    mask = None
-    if ragged:  # the padding repeats each row's first token: harmless for the repetition penalty
-        mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)
-    ones = torch.ones(len(rows), 1, dtype=torch.long, device=device)
-    cache = model.new_cache(len(rows), longest + budget)
+    cache = model.new_cache(len(rows), longest + budget, per_row=True)
     step_forward = getattr(model, "decode_forward", model)  # see compile_decoding
-    logits = model(idx, cache=cache, last_only=True, attention_mask=mask)[:, -1]
-    seen = idx if cfg.repetition_penalty != 1.0 else None
+    if all(len(r) == longest for r in rows):  # one forward for the whole batch
+        logits = model(torch.tensor(rows, device=device), cache=cache, last_only=True)[:, -1]
+    else:
+        logits = torch.cat([prefill_row(model, cache, i, r) for i, r in enumerate(rows)])
+    seen = None
+    if cfg.repetition_penalty != 1.0:  # left-padded with each row's first token: harmless here
+        seen = torch.tensor([[r[0]] * (longest - len(r)) + r for r in rows], device=device)
     for step in range(budget):
         nxt = sample_next(logits, cfg, seen, gen)
         yield nxt
@@ -131,9 +161,7 @@ def token_steps(model, rows: list[list[int]], cfg: SamplingConfig) -> Iterator[t
             break
         if seen is not None:
             seen = torch.cat([seen, nxt[:, None]], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask, ones], dim=1)
-        logits = step_forward(nxt[:, None], cache=cache, last_only=True, attention_mask=mask)[:, -1]
+        logits = decode_rows(step_forward, cache, nxt[:, None])
 
 
 def stream(model, tokenizer, prompt: str | list[int], cfg: SamplingConfig | None = None,

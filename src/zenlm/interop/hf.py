@@ -192,9 +192,28 @@ def load_hf_folder(folder: str | os.PathLike, *, device: str = "cpu", dtype=None
     state = read_weights(folder)
     model = build_model(family, config, state, source=str(folder), dtype=dtype, device=device,
                         max_seq_len=max_seq_len)
+    if "BertForSequenceClassification" in (config.get("architectures") or []):
+        model = _bert_sequence_classifier(model, config, state, str(folder))
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
     tokenizer = Tokenizer.from_hf_folder(folder) if has_tokenizer else None
     return model, tokenizer
+
+
+def _bert_sequence_classifier(backbone, config: dict[str, Any], state: dict, source: str):
+    """A :class:`~zenlm.model.heads.Classifier` reading BERT's pooler through its
+    ``classifier`` layer (weight and bias), labelled as the config's ``id2label``."""
+    from zenlm.model.heads import Classifier
+
+    if "classifier.weight" not in state:
+        raise InteropError(f"{source} is a BertForSequenceClassification without classifier weights")
+    weight = state["classifier.weight"]
+    id2label = config.get("id2label") or {}
+    labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(weight.shape[0])]
+    clf = Classifier(backbone, labels, pooling="pooler", bias=True)
+    p = backbone.tok_emb.weight
+    clf.head.score.weight.data = weight.to(p.device, p.dtype).clone()
+    clf.head.score.bias.data = state["classifier.bias"].to(p.device, p.dtype).clone()
+    return clf.eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,12 +265,14 @@ def fetch_hub(repo_id: str, revision: str | None = None) -> Path:
 # export
 
 
-def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None) -> Path:
+def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None,
+              source: str | None = None) -> Path:
     """Write ``model`` (and ``tokenizer``, if given) as a Hugging Face folder.
 
     A model with LoRA adapters is written merged; a classifier (``model/heads.py``) is written
     as the family's ``*ForSequenceClassification``. Each file is written atomically (a crash
-    leaves every file whole, old or new).
+    leaves every file whole, old or new). The folder gets a signed lineage card (``card.json``,
+    with ``source`` as its parent) and a README.md model card built from it.
     """
     from safetensors.torch import save_file
 
@@ -292,6 +313,9 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None) -> Pa
     atomic_write_json(out / "generation_config.json", generation)
     if tokenizer is not None:
         tokenizer.save_hf_folder(out)
+    from zenlm.privacy.card import write_export_card
+
+    write_export_card(out, source=source)
     return out
 
 
@@ -301,6 +325,23 @@ def _as_sequence_classifier(classifier, hf_config: dict, state: dict, specials: 
     the pad token, which is zenlm's ``last`` pooling when padding uses ``pad_token_id``."""
     from zenlm.errors import UnsupportedArchitectureError
 
+    if not classifier.config.causal:  # BERT: the classifier reads the pooler
+        if classifier.head.pooling != "pooler" or hf_config.get("model_type") != "bert":
+            raise UnsupportedArchitectureError(
+                f"a BERT sequence classifier reads its pooler; this one pools "
+                f"{classifier.head.pooling!r} (fine-tune with --pooling pooler to export it)")
+        labels = classifier.labels
+        hf_config.update(architectures=["BertForSequenceClassification"], num_labels=len(labels),
+                         id2label={str(i): l for i, l in enumerate(labels)},
+                         label2id={l: i for i, l in enumerate(labels)})
+        for key in [k for k in state if k.startswith("cls.")]:
+            state.pop(key)
+        for key in [k for k in state if not k.startswith("bert.")]:
+            state["bert." + key] = state.pop(key)
+        state["classifier.weight"] = classifier.head.score.weight
+        bias = classifier.head.score.bias
+        state["classifier.bias"] = bias if bias is not None else classifier.head.score.weight.new_zeros(len(labels))
+        return
     if classifier.head.pooling != "last":
         raise UnsupportedArchitectureError(
             f"Hugging Face sequence classifiers pool the last token; this one pools "

@@ -122,25 +122,41 @@ def resolve(path_or_id: str | os.PathLike) -> tuple[str, Path | str]:
 
 
 def load(path_or_id: str | os.PathLike, *, device: str = "cpu", dtype=None,
-         max_seq_len: int | None = None) -> LoadedModel:
+         max_seq_len: int | None = None, key_file: str | os.PathLike | None = None,
+         key=None) -> LoadedModel:
     """A ready model and tokenizer from a run folder, HF folder, GGUF file, built-in name or hub id.
 
     ``dtype`` (default float32) applies to converted models; ``max_seq_len`` caps the context
-    (and the size of the rotary tables) below what the model supports.
+    (and the size of the rotary tables) below what the model supports. ``key_file`` (or
+    ``key``, a ``zenlm.crypt.Key``, or ZENLM_KEY in the environment) opens what ``zenlm
+    encrypt`` sealed, a run folder or a file, and runs whose checkpoints were written sealed.
     """
+    from zenlm import crypt
+
+    if key is None:
+        key = crypt.resolve_key(key_file, required=False)
+    p = Path(str(path_or_id)).expanduser()
+    if crypt.is_sealed_folder(p) or crypt.is_sealed(p):
+        if key is None:
+            raise crypt.CryptError(f"{p} is encrypted: give its key (key_file=..., --key-file FILE, "
+                                   f"or {crypt.ENV_KEY})")
+        # unsealed into a private temporary folder that is gone when this returns: every
+        # reader below has the weights and tokenizer in memory by then
+        with crypt.unsealed(p, key) as plain:
+            loaded = load(plain, device=device, dtype=dtype, max_seq_len=max_seq_len, key=key)
+        loaded.source = str(path_or_id)
+        return loaded
     kind, where = resolve(path_or_id)
     if kind == "run":
         if is_finetune_run(where):
-            return load_finetuned(where, device=device, dtype=dtype)
-        return load_run(where, device=device)
+            return load_finetuned(where, device=device, dtype=dtype, key=key)
+        return load_run(where, device=device, key=key)
     if kind == "gguf":
         from zenlm.interop.gguf import load_gguf
 
         model, tokenizer = load_gguf(where, device=device, dtype=dtype, max_seq_len=max_seq_len)
     else:
-        from zenlm.interop.hf import fetch_hub, load_hf_folder
-
-        from zenlm.interop.hf import embedding_spec
+        from zenlm.interop.hf import embedding_spec, fetch_hub, load_hf_folder
 
         folder = fetch_hub(str(where)) if kind == "hub" else where
         model, tokenizer = load_hf_folder(folder, device=device, dtype=dtype, max_seq_len=max_seq_len)
@@ -174,16 +190,16 @@ def _cached_embedder(name: str, dtype: str, device: str):
     return _make_embedder(load(name, device=device), dtype)
 
 
-def _latest(run: Path) -> tuple[Path, dict, dict[str, Any]]:
+def _latest(run: Path, key=None) -> tuple[Path, dict, dict[str, Any]]:
     """(folder, verified weights, meta) of a run's latest checkpoint; no training state."""
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise CheckpointError(f"run {run} has no finished checkpoint yet")
-    weights, _, meta = load_checkpoint(ckpt, with_state=False)
+    weights, _, meta = load_checkpoint(ckpt, with_state=False, key=key)
     return ckpt, weights, meta
 
 
-def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+def load_run(run_dir: str | os.PathLike, device: str = "cpu", key=None) -> LoadedModel:
     """The latest checkpoint of a pretraining run folder, as an eval-mode model with its tokenizer."""
     from zenlm.config import TransformerConfig, build
     from zenlm.model.seq2seq import build_model
@@ -197,7 +213,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     if is_finetune_run(run):
         raise CheckpointError(f"{run} is a fine-tuned run on top of a base model: load it with "
                               f"zenlm.load({str(run)!r})")
-    ckpt, weights, meta = _latest(run)
+    ckpt, weights, meta = _latest(run, key)
     config = build(TransformerConfig, meta["config"]["model"], prefix="model.")
     model = build_model(config)  # a Transformer, or a Seq2Seq when the config has an encoder
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -209,7 +225,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     return LoadedModel(model, tokenizer, str(run), meta["step"])
 
 
-def load_finetuned(run: str | os.PathLike, *, device: str = "cpu", dtype=None) -> LoadedModel:
+def load_finetuned(run: str | os.PathLike, *, device: str = "cpu", dtype=None, key=None) -> LoadedModel:
     """A fine-tuned run: its base model (loaded as the run's config names it), adapted the same
     way (head, LoRA) and given the trained tensors of the latest checkpoint. LoRA adapters stay
     separate modules; :func:`zenlm.export_hf` writes them merged."""
@@ -222,8 +238,8 @@ def load_finetuned(run: str | os.PathLike, *, device: str = "cpu", dtype=None) -
 
     run = Path(run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    ckpt, weights, meta = _latest(run)
-    base = load(cfg["base"], device=device, dtype=dtype)
+    ckpt, weights, meta = _latest(run, key)
+    base = load(cfg["base"], device=device, dtype=dtype, key=key)
     f = cfg.get("finetune") or {}
     model = adapt(base.model, task=cfg["task"], labels=cfg.get("labels"),
                   pooling=f.get("pooling", "auto"), method=f.get("method", "lora"),

@@ -159,7 +159,7 @@ class Transformer(nn.Module):
                     n -= emb.weight.numel()
         return n
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch: int = 1, max_len: int | None = None, *, per_row: bool = False) -> KVCache:
         """A KV cache in the model's dtype, except that a bf16 model on a CPU caches (and
         attends) in fp32: torch's CPU attention over a cache is several times slower in bf16,
         and the cache is small."""
@@ -167,7 +167,7 @@ class Transformer(nn.Module):
         p = self.tok_emb.weight
         dtype = torch.float32 if p.device.type == "cpu" and p.dtype == torch.bfloat16 else p.dtype
         return KVCache(c.n_layer, batch, c.n_kv_head, c.head_dim, max_len or c.max_seq_len,
-                       dtype=dtype, device=p.device)
+                       dtype=dtype, device=p.device, per_row=per_row)
 
     def head_weight(self) -> torch.Tensor | None:
         """The output head as one plain (vocab, d) matrix, or None where it is not one (a
@@ -202,19 +202,27 @@ class Transformer(nn.Module):
         ``attention_mask`` (B, S) marks real tokens (1) and padding (0) over every position so
         far, cached ones included (S = cache.pos + T). It lets rows of different lengths share a
         batch: padding is never attended to, and each row's positions count its real tokens
-        only, so a left-padded prompt is computed as if it stood alone.
+        only, so a left-padded prompt is computed as if it stood alone. A per-row cache
+        (``new_cache(per_row=True)``) needs no mask: each row's positions and valid keys come
+        from its own length, so rows can join and leave a running batch.
 
         ``segment_ids`` (B, T) packs several sequences into one row for training: runs of equal
         ids are separate sequences, each attending only within itself and counting positions
         from 0, so a packed example is computed exactly as if it stood alone in its own row.
         """
         b, t = idx.shape
+        per_row = cache is not None and cache.lengths is not None  # each row at its own length
         start = cache.pos if cache is not None else 0
         if start + t > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {start + t} tokens exceeds the context of {self.config.max_seq_len}")
         dev = idx.device
-        if segment_ids is not None:
+        row_mask = None
+        if per_row:
+            if attention_mask is not None or segment_ids is not None:
+                raise ValueError("a per-row cache masks by its own lengths: no attention_mask or segment_ids")
+            positions, row_mask = cache.plan(t, self.config.causal)
+        elif segment_ids is not None:
             if cache is not None or attention_mask is not None:
                 raise ValueError("segment_ids is for packed training rows: not with a cache or attention_mask")
             if segment_ids.shape != (b, t):
@@ -247,7 +255,7 @@ class Transformer(nn.Module):
         if self.config.pos == "rope":
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             rope = (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
-        mask = None
+        mask = row_mask
         if segment_ids is not None:
             same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
             mask = same & torch.ones(t, t, dtype=torch.bool, device=dev).tril() if self.config.causal else same
@@ -256,7 +264,7 @@ class Transformer(nn.Module):
             k_pos = torch.arange(start + t, device=dev)[None, :]
             mask = valid[:, None, None, :] & (k_pos <= q_pos if self.config.causal else True)
             mask = mask | (k_pos == q_pos)  # a padding query sees itself: no empty rows (NaN)
-        elif cache is not None and start > 0 and t > 1:  # a chunk appended to a filled cache
+        elif cache is not None and not per_row and start > 0 and t > 1:  # a chunk appended to a filled cache
             q_pos = torch.arange(start, start + t, device=dev)[:, None]
             mask = torch.arange(start + t, device=dev)[None, :] <= q_pos
         mem_mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]

@@ -60,6 +60,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     eval_bleu_sentences: int = 200
     eval_beam: int = 1
+    # a key file (zenlm.crypt): checkpoints are written sealed with it, and resume reads them
+    encrypt_key_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_minutes is None:

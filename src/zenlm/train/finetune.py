@@ -176,11 +176,17 @@ class _FinetuneTask(Task):
     def checkpoint_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return trainable_weights(model)
 
+    def card_fields(self) -> dict[str, Any]:
+        return {"parent": self.cfg.base, "data": [p for p in (self.cfg.data.train, self.cfg.data.val) if p]}
+
     def load_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         load_partial(model, weights, "this checkpoint")
 
     def _save_adapter(self, model: nn.Module, run: Path) -> dict:
         if self.cfg.finetune.method != "lora":
+            return {}
+        if self.cfg.train.encrypt_key_file:  # a plaintext adapter would undo the encryption
+            self.log("adapter/ not written: the checkpoints are encrypted (train.encrypt_key_file)")
             return {}
         from zenlm.errors import UnsupportedArchitectureError
         from zenlm.interop.peft import save_adapter

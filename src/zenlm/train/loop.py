@@ -136,6 +136,11 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
         atomic_write_text(run / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
         task.save_files(run)
 
+    key = None
+    if tc.encrypt_key_file:
+        from zenlm.crypt import read_key_file
+
+        key = read_key_file(tc.encrypt_key_file)
     gen = torch.Generator()
     gen.manual_seed(tc.seed + 1000 * world.rank)
     step, tokens, elapsed_before = 0, 0, 0.0
@@ -143,7 +148,7 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
     best: dict = {"metric": metric, "value": None, "step": None, "bad_evals": 0}
     best_weights: dict | None = None
     if resume:
-        weights, state, _ = load_checkpoint(ckpt)
+        weights, state, _ = load_checkpoint(ckpt, key=key)
         if state is None:
             raise CheckpointError(f"checkpoint {ckpt} has no training state (state.pt) to resume from")
         task.load_weights(model, weights)
@@ -227,7 +232,7 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
                 state["best"] = dict(best)
                 state["best_weights"] = best_weights
             save_checkpoint(run, step, task.checkpoint_weights(model), state, config_dict,
-                            keep_last=tc.keep_last)
+                            keep_last=tc.keep_last, key=key)
 
     def progress_of(elapsed: float) -> float:
         p = step / tc.max_steps if tc.max_steps else 0.0
@@ -342,6 +347,9 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
             summary["best"] = dict(best)
         summary.update(task.finish(model, run, last_eval))
         atomic_write_json(run / "summary.json", summary)
+        from zenlm.privacy.card import write_run_card
+
+        write_run_card(run, task.name, config_dict, summary, log=log, **task.card_fields())
         if last_eval:
             log(f"done: {step} steps, {tokens:,} tokens in {train_seconds:.0f}s; "
                 f"{task.done_line(last_eval)}")

@@ -14,7 +14,8 @@ what differs between pretraining, classification and chat fine-tuning:
 - ``state_dict()`` / ``load_state_dict()``: the data position, for exact resumption;
 - ``checkpoint_weights(model)`` / ``load_weights(model, weights)``: what a checkpoint holds
   (everything for pretraining; only what trains, for an adapter on a frozen base);
-- ``config_dict()``, ``save_files(run)``, ``finish(model, run, last_eval)``: the run folder.
+- ``config_dict()``, ``save_files(run)``, ``finish(model, run, last_eval)``: the run folder;
+  ``card_fields()``: the parent model and data the lineage card (privacy/card.py) records.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ class Task:
     def finish(self, model: nn.Module, run: Path, last_eval: dict | None) -> dict:
         """Reports written at the end (main rank only); the dict joins summary.json."""
         return {}
+
+    def card_fields(self) -> dict[str, Any]:
+        """``parent`` (what zenlm.load read) and ``data`` (folders or files) for the card."""
+        return {"parent": None, "data": []}
 
 
 def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -169,6 +174,13 @@ class LMTask(Task):
 
     def eval_line(self, rec: dict) -> str:
         return f"step {rec['step']}: val loss {rec['val_loss']:.4f}, bpb {rec['val_bpb']:.4f}"
+
+    def finish(self, model: nn.Module, run: Path, last_eval: dict | None) -> dict:
+        pii = self.data.manifest.get("pii")
+        return {"data_pii": pii} if pii and pii.get("scrubbed") else {}
+
+    def card_fields(self) -> dict[str, Any]:
+        return {"parent": None, "data": [self.data.dir]}
 
     def done_line(self, rec: dict) -> str:
         return (f"val loss {rec['val_loss']:.4f}, ppl {rec['val_ppl']:.2f}, "
