@@ -50,14 +50,21 @@ def batches_from(data_dir: str | None, vocab: int, n: int, budget: int, max_len:
     return out, 0, 1
 
 
-def time_training(step_fn, batches, warmup: int) -> float:
+def time_training(steps: dict, batches, warmup: int) -> dict[str, float]:
+    """Target tokens/s of each step function, the two alternating batch by batch so a machine
+    whose load changes (a shared one) slows both alike."""
     for b in batches[:warmup]:
-        step_fn(b)
-    tokens, t0 = 0, time.perf_counter()
+        for fn in steps.values():
+            fn(b)
+    seconds = dict.fromkeys(steps, 0.0)
+    tokens = 0
     for b in batches[warmup:]:
-        step_fn(b)
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn(b)
+            seconds[name] += time.perf_counter() - t0
         tokens += int((b[3] != -100).sum())
-    return tokens / (time.perf_counter() - t0)
+    return {name: tokens / s for name, s in seconds.items()}
 
 
 def main() -> int:
@@ -141,10 +148,12 @@ def main() -> int:
     res = {"shape": {"layers": f"{args.layers}+{args.layers}", "d_model": args.d_model, "heads": args.heads,
                      "vocab": vocab, "params": ours.num_params(), "batch_tokens": args.batch_tokens},
            "threads": torch.get_num_threads(), "data": args.data or "random tokens", "max_logit_diff": float(diff)}
-    res["train_tok_per_s_zenlm"] = time_training(trainer(ours, lambda s, m, t: ours(s, m, t)), batches, args.warmup)
-    res["train_tok_per_s_transformers"] = time_training(
-        trainer(theirs, lambda s, m, t: theirs(input_ids=s, attention_mask=m, decoder_input_ids=t).logits),
+    rates = time_training({
+        "zenlm": trainer(ours, lambda s, m, t: ours(s, m, t)),
+        "transformers": trainer(theirs, lambda s, m, t: theirs(input_ids=s, attention_mask=m,
+                                                                decoder_input_ids=t).logits)},
         batches, args.warmup)
+    res["train_tok_per_s_zenlm"], res["train_tok_per_s_transformers"] = rates["zenlm"], rates["transformers"]
     res["train_speedup"] = res["train_tok_per_s_zenlm"] / res["train_tok_per_s_transformers"]
 
     # beam-5 decoding of the same sources (the first sentences of the batches)
