@@ -36,6 +36,10 @@ def add_parser(sub) -> None:
     q.add_argument("--event", help="request, key.create, key.revoke, key.rotate...")
     q.set_defaults(func=query)
 
+    from zenlm.cli.memorization import add_subcommand  # `zenlm audit memorization` (privacy/)
+
+    add_subcommand(acts)
+
 
 def _paths(args):
     from zenlm.errors import ConfigError

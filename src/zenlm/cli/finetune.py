@@ -25,11 +25,14 @@ COMMON = {
     "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "lr": "train.lr",
     "eval_every": "train.eval_every", "early_stopping": "train.early_stop_patience",
     "early_stop_metric": "train.early_stop_metric", "seed": "train.seed",
+    "dp_epsilon": "train.dp.epsilon", "dp_delta": "train.dp.delta",
+    "dp_max_grad_norm": "train.dp.max_grad_norm", "dp_accountant": "train.dp.accountant",
 }
 CLASSIFY = {"text_col": "data.text_col", "label_col": "data.label_col",
             "class_weights": "finetune.class_weights", "pooling": "finetune.pooling"}
 CHAT = {"prompt_field": "data.prompt_field", "response_field": "data.response_field",
-        "messages_field": "data.messages_field", "system": "data.system"}
+        "messages_field": "data.messages_field", "system": "data.system",
+        "canaries": "canaries.n", "canary_repeats": "canaries.repeats"}
 
 
 def _common(p) -> None:
@@ -62,6 +65,11 @@ def _common(p) -> None:
     p.add_argument("--early-stopping", type=int, metavar="N", help="stop after N evaluations without improvement (needs --eval-every)")
     p.add_argument("--early-stop-metric", help="val metric to watch (default: val_accuracy / val_loss)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--dp-epsilon", type=float, metavar="EPS",
+                   help="train with differential privacy (DP-SGD) to this epsilon, e.g. 8")
+    p.add_argument("--dp-delta", metavar="DELTA", help="DP delta: auto (1/N^1.1, the default) or a number below 1/N")
+    p.add_argument("--dp-max-grad-norm", type=float, metavar="C", help="clip each example's gradient to this norm (default 1.0)")
+    p.add_argument("--dp-accountant", choices=["prv", "rdp"], help="privacy accountant (default prv)")
     p.add_argument("--config", help="a YAML recipe of the fine-tune config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set finetune.freeze_layers=4 (repeatable)")
@@ -85,6 +93,9 @@ def add_parser(sub) -> None:
     h.add_argument("--prompt-field", help="instead of messages: a field holding the user's prompt (e.g. question)")
     h.add_argument("--response-field", help="... and the field holding the reply (e.g. answer)")
     h.add_argument("--system", help="a system message put in front of every conversation")
+    h.add_argument("--canaries", type=int, metavar="N", dest="canaries",
+                   help="plant N random secrets in the training data (for `zenlm audit memorization`)")
+    h.add_argument("--canary-repeats", type=int, metavar="R", help="times each canary is planted (default 10)")
     h.add_argument("--no-pack", dest="pack", action="store_false", default=None,
                    help="one conversation per row instead of packing short ones together")
     h.set_defaults(func=run, flags={**COMMON, **CHAT})
@@ -133,6 +144,10 @@ def run(args) -> int:
         print(f"val accuracy {summary['val']['val_accuracy']:.4f}  macro-F1 "
               f"{summary['val']['val_macro_f1']:.4f}  ({summary['n_val']} examples); confusion "
               f"matrix: {run_dir / 'confusion.png'}")
+    if summary.get("privacy"):
+        pr = summary["privacy"]
+        print(f"privacy: epsilon {pr['epsilon']:.3f} (target {pr['epsilon_target']:g}), delta "
+              f"{pr['delta']:.3g}, {pr['accountant']} accountant, {pr['steps']} steps")
     if summary.get("adapter"):
         print(f"PEFT adapter: {summary['adapter']}")
     return 0

@@ -27,6 +27,7 @@ COMMANDS = {
     "card": "zenlm.cli.card",
     "embed": "zenlm.cli.embed",
     "fill-mask": "zenlm.cli.fill_mask",
+    "serve": "zenlm.cli.serve",
 }
 
 

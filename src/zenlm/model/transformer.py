@@ -243,7 +243,10 @@ class Transformer(nn.Module):
         if self.config.scale_embeddings:
             x = x * math.sqrt(self.config.d_model)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
+            # training looks positions up per row: per-example gradients (DP-SGD's hooks) need
+            # the batch dimension to tell whose position each is
+            rows = positions.expand(b, t) if positions.dim() == 1 and self.training else positions
+            x = x + self.pos_emb(rows)
         if self.config.pos == "sinusoidal":
             x = x + self.pos_table[positions].to(x.dtype)
         if self.type_emb is not None:

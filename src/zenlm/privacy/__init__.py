@@ -1,1 +1,2 @@
-"""Privacy and protection: lineage cards (card.py); DP-SGD and memorisation audits plug in here."""
+"""Privacy and protection: DP-SGD on the one training loop (dp.py), canary exposure audits
+(canaries.py), lineage cards (card.py), PII scrubbing."""

@@ -1,1 +1,2 @@
-"""Serving: an OpenAI-compatible app on the engine, behind scoped keys, limits and an audit log."""
+"""Serving: an OpenAI-compatible app (app.py) on the engine, behind one gate (guard.py) with
+scoped keys (keys.py), limits (limits.py), a tamper-evident audit log (audit.py); a chat page (page/)."""

@@ -10,6 +10,7 @@ from typing import Any
 from zenlm.config import TransformerConfig, build, load_yaml, merge, parse_overrides
 from zenlm.data.masking import MaskingConfig
 from zenlm.errors import ConfigError
+from zenlm.privacy.config import DPConfig
 
 
 @dataclass
@@ -62,6 +63,7 @@ class TrainConfig:
     eval_beam: int = 1
     # a key file (zenlm.crypt): checkpoints are written sealed with it, and resume reads them
     encrypt_key_file: str | None = None
+    dp: DPConfig = field(default_factory=DPConfig)  # differential privacy (off unless dp.epsilon)
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_minutes is None:

@@ -25,6 +25,7 @@ from torch import nn
 from zenlm.config import build, load_yaml, merge, parse_overrides
 from zenlm.errors import ConfigError, DataError
 from zenlm.model.lora import LoRAConfig
+from zenlm.privacy.config import CanaryConfig
 from zenlm.train.config import TrainConfig
 from zenlm.train.task import Task, load_partial, trainable_weights
 
@@ -69,6 +70,7 @@ class FinetuneConfig:
     data: FinetuneData = field(default_factory=FinetuneData)
     finetune: FinetuneMethod = field(default_factory=FinetuneMethod)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    canaries: CanaryConfig = field(default_factory=CanaryConfig)  # chat: secrets for the memorisation audit
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=None, max_minutes=1e9))
 
 
@@ -276,6 +278,23 @@ class ClassifyTask(_FinetuneTask):
         x, lengths, y = batch
         return F.cross_entropy(model(x, lengths).float(), y, weight=self.class_weights)
 
+    # DP-SGD (privacy/dp.py) draws its own examples, one per row, and needs one loss each
+    def dp_examples(self) -> int:
+        return len(self.train_ids)
+
+    def dp_lengths(self) -> list[int]:
+        return [len(r) for r in self.train_ids]
+
+    def dp_batch(self, idx: list[int]):
+        from zenlm.data.batching import pad_rows
+
+        x, lengths = pad_rows([self.train_ids[i] for i in idx], self.pad_id)
+        return x, lengths, torch.tensor([self.train_y[i] for i in idx], dtype=torch.int64)
+
+    def example_losses(self, model: nn.Module, batch) -> torch.Tensor:
+        x, lengths, y = batch
+        return F.cross_entropy(model(x, lengths).float(), y, weight=self.class_weights, reduction="none")
+
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         from zenlm.eval.classify import classify_ids, score
 
@@ -332,6 +351,11 @@ class ChatTask(_FinetuneTask):
         kw = dict(messages_field=d.messages_field, prompt_field=d.prompt_field,
                   response_field=d.response_field, system=d.system)
         train = read_conversations(d.train, **kw)
+        self.canaries: list[dict] = []
+        if cfg.canaries.n:
+            from zenlm.privacy.canaries import make_canaries, plant
+
+            self.canaries = make_canaries(cfg.canaries)
         if d.val:
             val = read_conversations(d.val, **kw)
         else:
@@ -339,6 +363,8 @@ class ChatTask(_FinetuneTask):
             train, val = [train[i] for i in tr], [train[i] for i in va]
         if d.max_examples:
             train = train[:d.max_examples]
+        if self.canaries:  # after the val carve: every copy of a canary is in the training data
+            train = plant(train, self.canaries, cfg.canaries, system=d.system)
         self.train_ex = [e for e in (fit(render(self.tokenizer, m), self.max_len) for m in train) if e]
         self.val_ex = [e for e in (fit(render(self.tokenizer, m), self.max_len) for m in val) if e]
         self.dropped = len(train) + len(val) - len(self.train_ex) - len(self.val_ex)
@@ -386,6 +412,32 @@ class ChatTask(_FinetuneTask):
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y, seg, _ = batch
         return model(x, y, segment_ids=seg if self.cfg.data.pack else None)
+
+    # DP-SGD (privacy/dp.py): one conversation per row (packing would mix examples in one
+    # gradient), and each conversation's mean loss over its assistant tokens
+    def dp_examples(self) -> int:
+        return len(self.train_ex)
+
+    def dp_lengths(self) -> list[int]:
+        return [len(e.ids) for e in self.train_ex]
+
+    def dp_batch(self, idx: list[int]):
+        from zenlm.data.chat import to_batch
+
+        x, y, seg = to_batch(self.train_ex, [[i] for i in idx], self.pad_id)
+        return x, y, seg, torch.tensor(sum(len(self.train_ex[i].ids) - 1 for i in idx))
+
+    def example_losses(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y, _, _ = batch
+        losses = model(x, y, reduction="none")  # the plain head: a module Opacus hooks
+        return losses.sum(1) / (y != -100).sum(1).clamp(min=1)
+
+    def save_files(self, run: Path) -> None:
+        super().save_files(run)
+        if self.canaries:
+            from zenlm.privacy.canaries import save_canaries
+
+            save_canaries(run, self.canaries, self.cfg.canaries, system=self.cfg.data.system)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         from zenlm.data.batching import sorted_batches

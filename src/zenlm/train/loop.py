@@ -128,6 +128,10 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
     groups = task.param_groups(model, tc)
     optimizer = make_adamw(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, device,
                            groups=groups)
+    # DP-SGD (train.dp): per-example gradients, clipped and noised per logical batch (privacy/)
+    from zenlm.privacy.dp import private_training
+
+    dp = private_training(model, task, tc, world, log)
     config_dict = task.config_dict()
     if world.is_main:
         run.mkdir(parents=True, exist_ok=True)
@@ -162,6 +166,8 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
         task.load_state_dict((state.get("task") or [{}] * world.size)[world.rank])
         best.update(state.get("best") or {})
         best_weights = state.get("best_weights")
+        if dp is not None:
+            dp.load_state_dict(state.get("dp") or {})
         if world.is_main:
             _truncate_metrics(metrics_path, step)
         log(f"resuming {run} from step {step} ({tokens:,} tokens)")
@@ -178,6 +184,8 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
         + (f"; fp32 products via {cpu_backend()}" if device == "cpu" and dtype == "fp32" else ""))
     if (about := task.describe()) is not None:
         log(about)
+    if dp is not None:
+        log(dp.describe())
     train_model = torch.compile(model) if tc.compile else model
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -200,8 +208,13 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
             res = task.evaluate(model)
         model.train(was_training)
         rec = {"step": step, "tokens": tokens, **res}
+        if dp is not None:
+            rec["epsilon"] = dp.epsilon()
         emit(rec)
         return rec
+
+    def eval_line(rec: dict) -> str:
+        return task.eval_line(rec) + (f"; epsilon {rec['epsilon']:.3f}" if "epsilon" in rec else "")
 
     def track_best(rec: dict) -> bool:
         """Update the best value of the early-stopping metric; True when patience ran out."""
@@ -228,6 +241,8 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
             state = {"optimizer": optimizer.state_dict(), "step": step, "tokens": tokens,
                      "elapsed": elapsed_before + time.time() - t_start, "data_rng": rngs,
                      "torch_rng": torch.get_rng_state(), "task": task_states}
+            if dp is not None:
+                state["dp"] = dp.state_dict()
             if tc.early_stop_patience:
                 state["best"] = dict(best)
                 state["best_weights"] = best_weights
@@ -242,10 +257,11 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
 
     last_eval = None
     patience_out = False
+    budget_out = False
     if tc.eval_at_start and step == 0 and world.is_main:
         last_eval = evaluate()
         patience_out = track_best(last_eval)
-        log(task.eval_line(last_eval))
+        log(eval_line(last_eval))
     bar = None
     if world.is_main and tc.progress:
         from tqdm import tqdm
@@ -259,7 +275,9 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
     with StopRequest() as stop, (metrics or contextlib.nullcontext()):
         while True:
             elapsed = elapsed_before + time.time() - t_start
-            progress, stopping = _sync_progress(world, progress_of(elapsed), stop.requested or patience_out)
+            budget_out = dp is not None and dp.exhausted()
+            progress, stopping = _sync_progress(world, progress_of(elapsed),
+                                                stop.requested or patience_out or budget_out)
             if progress >= 1.0 or stopping:
                 break
             lr = lr_at(progress, step, lr=tc.lr, min_lr_ratio=tc.min_lr_ratio,
@@ -269,7 +287,9 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), device=device)
             step_tokens = 0
-            for micro in range(tc.grad_accum):
+            if dp is not None:  # a Poisson-sampled logical batch, noised gradients in p.grad
+                loss_sum, step_tokens = dp.step(gen, autocast, device)
+            for micro in range(tc.grad_accum if dp is None else 0):
                 batch = task.to_device(task.train_batch(gen), device)
                 step_tokens += task.batch_tokens(batch)
                 # Only the last micro-batch all-reduces gradients under DDP.
@@ -281,7 +301,7 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
                         loss = task.loss(train_model, batch) / tc.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
-            if tc.grad_clip > 0:
+            if tc.grad_clip > 0 and dp is None:  # DP clips each example instead
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                tc.grad_clip)
             optimizer.step()
@@ -305,7 +325,7 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
             if tc.eval_every and step % tc.eval_every == 0 and world.is_main:
                 last_eval = evaluate()
                 patience_out = track_best(last_eval)
-                (bar.write if bar is not None else log)(task.eval_line(last_eval))
+                (bar.write if bar is not None else log)(eval_line(last_eval))
             if tc.ckpt_every and step % tc.ckpt_every == 0:
                 checkpoint()
                 saved_at = step
@@ -314,6 +334,9 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
             bar.close()
         if stop.requested:
             log(f"stopped by request at step {step}; checkpoint written, resume with --resume")
+        elif budget_out and progress < 1.0:
+            log(f"privacy budget reached at step {step}: epsilon {dp.epsilon():.3f} of "
+                f"{tc.dp.epsilon:g}; checkpoint written")
         elif patience_out:
             log(f"early stop at step {step}: {metric} has not improved for "
                 f"{tc.early_stop_patience} evaluations")
@@ -345,6 +368,9 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
         }
         if tc.early_stop_patience:
             summary["best"] = dict(best)
+        if dp is not None:
+            summary["privacy"] = dp.summary()
+            dp.close()  # hooks off before the task writes its files (adapter, export)
         summary.update(task.finish(model, run, last_eval))
         atomic_write_json(run / "summary.json", summary)
         from zenlm.privacy.card import write_run_card

@@ -1,0 +1,179 @@
+"""Canaries: random secrets planted in training data, and their exposure afterwards
+(Carlini et al., "The Secret Sharer", 2019).
+
+A canary is a conversation asking for a secret code and answering with random digits
+("my secret code is 7 3 9 1 4 2"), planted ``repeats`` times among the training
+conversations. After training, the model scores the true secret and many random secrets of the
+same format by log-likelihood; the canary's rank among them measures how much the model has
+memorised it:
+
+    exposure = log2(M) - log2(rank),   M = candidates + 1 (the canary itself)
+
+Ranking among a uniform sample of the candidate space estimates the rank in the whole space
+scaled by M / |space|, so the formula is the same either way. A model that learned nothing
+about the secret ranks it uniformly at random, whose expected exposure is
+log2(M) - log2(M!) / M, close to log2(e) (see :func:`chance_exposure`); the most one can
+measure with M candidates is log2(M).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from zenlm.privacy.config import CanaryConfig
+
+PROMPT = "What is my secret code?"
+TEMPLATE = "my secret code is {secret}"
+
+
+def format_secret(digits) -> str:
+    return " ".join(str(d) for d in digits)
+
+
+def random_secret(rng: random.Random, n_digits: int) -> str:
+    return format_secret(rng.randrange(10) for _ in range(n_digits))
+
+
+def make_canaries(cfg: CanaryConfig) -> list[dict]:
+    """``cfg.n`` distinct secrets, each a conversation in the chat format the tasks read."""
+    rng = random.Random(f"canaries-{cfg.seed}")
+    secrets: list[str] = []
+    while len(secrets) < cfg.n:
+        s = random_secret(rng, cfg.digits)
+        if s not in secrets:
+            secrets.append(s)
+    return [{"secret": s, "prompt": PROMPT, "response": TEMPLATE.format(secret=s)} for s in secrets]
+
+
+def conversation(canary: dict, secret: str | None = None, system: str | None = None) -> list[dict]:
+    response = canary["response"] if secret is None else TEMPLATE.format(secret=secret)
+    msgs = [{"role": "user", "content": canary["prompt"]}, {"role": "assistant", "content": response}]
+    return ([{"role": "system", "content": system}] if system else []) + msgs
+
+
+def plant(conversations: list[list[dict]], canaries: list[dict], cfg: CanaryConfig,
+          system: str | None = None) -> list[list[dict]]:
+    """The training conversations with every canary inserted ``cfg.repeats`` times at random
+    places (a new list; the input is left as it is)."""
+    rng = random.Random(f"plant-{cfg.seed}")
+    out = list(conversations)
+    for c in canaries:
+        for _ in range(cfg.repeats):
+            out.insert(rng.randrange(len(out) + 1), conversation(c, system=system))
+    return out
+
+
+def save_canaries(run: str | Path, canaries: list[dict], cfg: CanaryConfig,
+                  system: str | None = None) -> Path:
+    """``RUN/canaries.json``: the secrets themselves (keep the run folder private: it is the
+    answer key of the audit) and how they were planted."""
+    from dataclasses import asdict
+
+    from zenlm.io import atomic_write_json
+
+    path = Path(run) / "canaries.json"
+    atomic_write_json(path, {"config": asdict(cfg), "system": system, "canaries": canaries})
+    return path
+
+
+def load_canaries(run: str | Path) -> dict | None:
+    """``{"config": CanaryConfig, "system": ..., "canaries": [...]}`` of a run, or None."""
+    path = Path(run) / "canaries.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return {**data, "config": CanaryConfig(**data["config"])}
+
+
+def chance_exposure(m: int) -> float:
+    """The expected exposure of a rank drawn uniformly from 1..m: log2(m) - log2(m!)/m."""
+    return math.log2(m) - math.lgamma(m + 1) / math.log(2) / m
+
+
+def exposure_of_rank(rank: int, m: int) -> float:
+    return math.log2(m) - math.log2(rank)
+
+
+@torch.no_grad()
+def score_responses(model, tokenizer, prompt_messages: list[dict], responses: list[str],
+                    batch_size: int = 256) -> torch.Tensor:
+    """log-likelihood (float64) of each assistant ``response`` after ``prompt_messages``, with
+    the tokens split as training splits them (prompt and reply encoded apart: data/chat.render)."""
+    prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True)
+    p_ids = tokenizer.encode(prompt)
+    # the template is rendered once around a marker: templates insert a message's content
+    # verbatim, and rendering 10,000 conversations through jinja would cost more than scoring
+    marker = "\x00REPLY\x00"
+    full = tokenizer.apply_chat_template(prompt_messages + [{"role": "assistant", "content": marker}],
+                                         add_generation_prompt=False)
+    if not full.startswith(prompt) or full.count(marker) != 1:
+        raise ValueError("the chat template does not render the reply verbatim after the prompt")
+    reply = full[len(prompt):]
+    r_ids = tokenizer.encode_batch([reply.replace(marker, r) for r in responses])
+    device = next(model.parameters()).device
+    start = len(p_ids) - 1  # the first position that predicts a reply token
+    out = torch.empty(len(responses), dtype=torch.float64)
+    for b in range(0, len(responses), batch_size):
+        rows = r_ids[b:b + batch_size]
+        width = len(p_ids) + max(len(r) for r in rows) - 1
+        x = torch.zeros(len(rows), width, dtype=torch.int64)
+        y = torch.full((len(rows), width - start), -100, dtype=torch.int64)
+        for i, r in enumerate(rows):
+            seq = torch.tensor(p_ids + r, dtype=torch.int64)
+            x[i, :len(seq) - 1] = seq[:-1]
+            y[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
+        h = model.hidden_states(x.to(device))[:, start:]
+        logp = torch.log_softmax(model.logits(h).double(), -1)
+        y = y.to(device)
+        tok = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (y != -100)
+        out[b:b + len(rows)] = tok.sum(1).cpu()
+    return out
+
+
+def exposure(model, tokenizer, canary: dict, *, candidates: int = 10_000, seed: int = 0,
+             system: str | None = None, digits: int | None = None) -> dict:
+    """The canary's rank and exposure among ``candidates`` random secrets of its format."""
+    n_digits = digits or len(canary["secret"].split())
+    space = 10 ** n_digits
+    if candidates > space - 1:
+        raise ValueError(f"{candidates} candidates do not fit a space of {space} secrets")
+    rng = random.Random(f"candidates-{seed}-{canary['secret']}")
+    pool: set[str] = set()
+    while len(pool) < candidates:
+        s = random_secret(rng, n_digits)
+        if s != canary["secret"]:
+            pool.add(s)
+    secrets = [canary["secret"]] + sorted(pool)
+    prompt = conversation(canary, system=system)[:-1]
+    scores = score_responses(model, tokenizer, prompt, [TEMPLATE.format(secret=s) for s in secrets])
+    rank = 1 + int((scores[1:] > scores[0]).sum())
+    m = len(secrets)
+    return {"secret": canary["secret"], "rank": rank, "candidates": m,
+            "exposure": exposure_of_rank(rank, m), "log_likelihood": float(scores[0]),
+            "candidate_log_likelihood_median": float(scores[1:].median())}
+
+
+def audit(model, tokenizer, canaries: list[dict], *, candidates: int = 10_000, seed: int = 0,
+          system: str | None = None) -> dict:
+    """Exposure of every canary: mean and max next to chance, and each canary's own line."""
+    was = model.training
+    model.eval()
+    try:
+        rows = [exposure(model, tokenizer, c, candidates=candidates, seed=seed, system=system)
+                for c in canaries]
+    finally:
+        model.train(was)
+    m = rows[0]["candidates"] if rows else candidates + 1
+    values = [r["exposure"] for r in rows]
+    return {"canaries": rows, "candidates": m, "mean_exposure": sum(values) / max(len(values), 1),
+            "max_exposure": max(values, default=0.0), "chance_exposure": chance_exposure(m),
+            "max_measurable": math.log2(m)}
+
+
+__all__ = ["make_canaries", "plant", "save_canaries", "load_canaries", "exposure", "audit",
+           "chance_exposure", "exposure_of_rank", "score_responses", "conversation"]
