@@ -92,3 +92,47 @@ def write_addition_pairs(path):
     path.write_text("".join(json.dumps({"question": f"Add {a} and {b}?", "answer": f"It is {a + b}."}) + "\n"
                             for a in range(10) for b in range(10)))
     return path
+
+
+MULTI30K = Path(__file__).resolve().parents[2] / "shared/data/multi30k"
+EN_DE = {"one": "eins", "two": "zwei", "three": "drei", "four": "vier", "five": "fünf",
+         "six": "sechs", "seven": "sieben", "eight": "acht", "nine": "neun", "zero": "null"}
+# The tiny encoder-decoder of the translation tests, in Marian's shape (post-norm, sinusoidal).
+TINY_SEQ2SEQ = {"encoder_layers": 2, "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 48,
+                "norm": "layernorm", "norm_position": "post", "pos": "sinusoidal",
+                "scale_embeddings": True, "mlp": "gelu_exact", "bias": True}
+
+
+def write_number_pairs(folder, n: int = 300, seed: int = 0):
+    """``n`` English/German pairs of digit words ("three one four" -> "drei eins vier"),
+    one a line, in ``folder``/src.txt and tgt.txt: a task a tiny model learns in seconds."""
+    import random
+
+    rng = random.Random(seed)
+    words = list(EN_DE)
+    src, tgt = [], []
+    for _ in range(n):
+        ws = [rng.choice(words) for _ in range(rng.randint(1, 6))]
+        src.append(" ".join(ws).capitalize() + ".")
+        tgt.append(" ".join(EN_DE[w] for w in ws).capitalize() + ".")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "src.txt").write_text("\n".join(src) + "\n", encoding="utf-8")
+    (folder / "tgt.txt").write_text("\n".join(tgt) + "\n", encoding="utf-8")
+    return folder / "src.txt", folder / "tgt.txt"
+
+
+def random_seq2seq(vocab_size: int, seed: int = 0, scale: float = 0.3, **overrides):
+    """A tiny Seq2Seq with weights spread wider than the init, so greedy outputs vary."""
+    import torch
+
+    from zenlm.config import TransformerConfig
+    from zenlm.model.seq2seq import Seq2Seq
+
+    torch.manual_seed(seed)
+    model = Seq2Seq(TransformerConfig(vocab_size=vocab_size, **{**TINY_SEQ2SEQ, **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.add_(torch.randn_like(p) * scale)
+    return model

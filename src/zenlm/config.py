@@ -33,7 +33,7 @@ class TransformerConfig:
     max_seq_len: int = 256
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     norm_eps: float = 1e-5
-    pos: Literal["learned", "rope"] = "rope"
+    pos: Literal["learned", "rope", "sinusoidal"] = "rope"  # sinusoidal: the fixed table of Vaswani et al.
     rope_base: float = 10000.0
     # None, or {"rope_type": "linear", "factor": f} (positions divided by f), or Llama 3's
     # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
@@ -56,6 +56,12 @@ class TransformerConfig:
     type_vocab_size: int = 0
     mlm_head: bool = False
     pooler: bool = False
+    # Encoder-decoder (translation): encoder_layers > 0 makes the model a Seq2Seq of an encoder
+    # of that many blocks and a decoder of n_layer blocks whose blocks also cross-attend to the
+    # encoder's output (cross_attention); both sides and the output head share tok_emb.
+    encoder_layers: int = 0
+    cross_attention: bool = False
+    scale_embeddings: bool = False  # token embeddings times sqrt(d_model) (Vaswani et al., Marian)
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -76,7 +82,7 @@ class TransformerConfig:
                 self.d_ff = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
             else:
                 self.d_ff = 4 * self.d_model
-        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("pos", ("learned", "rope")),
+        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("pos", ("learned", "rope", "sinusoidal")),
                               ("mlp", ("gelu", "gelu_exact", "swiglu")),
                               ("norm_position", ("pre", "post"))):
             if getattr(self, name) not in allowed:
@@ -90,6 +96,8 @@ class TransformerConfig:
             missing = [k for k in need if k not in self.rope_scaling]
             if missing:
                 raise ConfigError(f"model.rope_scaling ({kind}) needs {', '.join(missing)}")
+        if self.encoder_layers < 0:
+            raise ConfigError(f"model.encoder_layers must be 0 (a decoder only) or more, got {self.encoder_layers}")
         if self.type_vocab_size < 0:
             raise ConfigError(f"model.type_vocab_size must be 0 (none) or more, got {self.type_vocab_size}")
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):

@@ -11,6 +11,8 @@
 - ``--task crows-pairs``, ``--task counterfactual``, ``--task refusal``: bias and safety
   (:mod:`zenlm.eval.fairness`, :mod:`zenlm.eval.safety`); CrowS-Pairs and XSTest are read from
   ``shared/data`` beside the checkout when ``--data`` is not given.
+- ``--task translate``: an encoder-decoder translates ``--src`` (one sentence a line) and is
+  scored against ``--ref``: sacreBLEU with its signature, chrF, lower-cased tokenised BLEU.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def add_parser(sub) -> None:
     add_model_arg(p)
     p.add_argument("--data", help="text file (ppl), JSONL (choice) or TSV/CSV/JSONL (classify, "
                                    "counterfactual); CrowS-Pairs / XSTest folder or CSV")
-    p.add_argument("--task", choices=["ppl", "choice", "classify", *BIAS_SAFETY], default="ppl")
+    p.add_argument("--task", choices=["ppl", "choice", "classify", "translate", *BIAS_SAFETY], default="ppl")
     p.add_argument("--seq-len", type=int, help="ppl: tokens per window (default: the model's context)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -53,16 +55,30 @@ def add_parser(sub) -> None:
     from zenlm.cli.fairness_safety import add_args
 
     add_args(p)
+    g = p.add_argument_group("translate")
+    g.add_argument("--src", help="source sentences, one a line")
+    g.add_argument("--ref", help="reference translations, one a line")
+    g.add_argument("--hyp-out", help="also write the translations to this file")
+    from zenlm.cli.translate import add_translate_args
+
+    add_translate_args(g, own_batch_and_seed=False)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import zenlm
+    from zenlm.errors import ConfigError
 
     if args.task in BIAS_SAFETY:
         from zenlm.cli.fairness_safety import run_task
 
         return run_task(args)
+    if args.task == "translate":
+        res = _translate(args)
+        print(json.dumps(res) if args.json else
+              f"{res['n']} sentences: BLEU {res['bleu']:.2f}  chrF {res['chrf']:.2f}  "
+              f"BLEU (lower-cased, tokenised) {res['bleu_lc_tok']:.2f}\n{res['signature']}")
+        return 0
     if not args.data:
         from zenlm.errors import ConfigError
 
@@ -84,6 +100,27 @@ def run(args) -> int:
             text += f"  length-normalised accuracy {res['accuracy_norm']:.4f}"
     print(json.dumps(res) if args.json else text)
     return 0
+
+
+def _translate(args) -> dict:
+    from zenlm.cli.translate import decode_config, load_translator
+    from zenlm.errors import ConfigError
+    from zenlm.eval.translate import read_lines, score_translations
+    from zenlm.infer.beam import translate
+    from zenlm.io import atomic_write_text
+
+    if not (args.src and args.ref):
+        raise ConfigError("--task translate needs --src FILE and --ref FILE")
+    cfg = decode_config(args)
+    srcs, refs = read_lines(args.src), read_lines(args.ref)
+    if len(srcs) != len(refs):
+        raise ConfigError(f"{args.src} has {len(srcs)} lines but {args.ref} has {len(refs)}")
+    loaded = load_translator(args.model)
+    hyps = translate(loaded.model, loaded.tokenizer, srcs, cfg=cfg, batch_size=args.batch_size)
+    if args.hyp_out:
+        atomic_write_text(args.hyp_out, "".join(h + "\n" for h in hyps))
+    return {**score_translations(hyps, refs).as_dict(), "beam": cfg.beam,
+            "length_penalty": cfg.length_penalty}
 
 
 def _ppl(args, loaded) -> dict:

@@ -62,6 +62,11 @@ def run(args) -> int:
 
     model, dtype, quantize = _options(args)
     loaded = zenlm.load(model, key_file=args.key_file)
+    if args.format == "gguf" and hasattr(loaded.model, "encode"):
+        from zenlm.errors import UnsupportedArchitectureError
+
+        raise UnsupportedArchitectureError(f"{model} is an encoder-decoder: GGUF here holds decoders; "
+                                           f"use --format hf (a Marian folder)")
     if args.format == "hf":
         out = zenlm.export_hf(loaded, args.out, dtype=HF_DTYPES[dtype])
         print(f"wrote {out}/ (Hugging Face {HF_DTYPES[dtype]} folder)")

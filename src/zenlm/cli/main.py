@@ -21,6 +21,8 @@ COMMANDS = {
     "predict": "zenlm.cli.predict",
     "keys": "zenlm.cli.keys",
     "audit": "zenlm.cli.audit",
+    "translate": "zenlm.cli.translate",
+    "average": "zenlm.cli.average",
     "encrypt": "zenlm.cli.crypt",  # encrypt and decrypt
     "card": "zenlm.cli.card",
     "explain": "zenlm.cli.explain",

@@ -182,6 +182,12 @@ def load_hf_folder(folder: str | os.PathLike, *, device: str = "cpu", dtype=None
 
     folder = Path(folder)
     config = read_config(folder)
+    from zenlm.interop.marian import is_marian, load_marian
+
+    if is_marian(config):  # an encoder-decoder (zenlm.model.seq2seq), not a family of Transformer
+        model = load_marian(folder, config, read_weights(folder), device=device, dtype=dtype)
+        has_tokenizer = (folder / "tokenizer.json").is_file()
+        return model, (Tokenizer.from_hf_folder(folder) if has_tokenizer else None)
     family = hf_family(config)  # refuses unknown architectures before reading any weights
     state = read_weights(folder)
     model = build_model(family, config, state, source=str(folder), dtype=dtype, device=device,
@@ -275,6 +281,10 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None,
 
     from zenlm.model.lora import merged_state_dict
 
+    if hasattr(model, "encoder") and hasattr(model, "decode"):  # an encoder-decoder: Marian's layout
+        from zenlm.interop.marian import export_marian
+
+        return export_marian(model, tokenizer, out_dir, dtype=_dtype(dtype))
     classifier = model if hasattr(model, "backbone") else None  # a Classifier (model/heads.py)
     if classifier is not None:
         model = classifier.backbone

@@ -202,7 +202,7 @@ def _latest(run: Path, key=None) -> tuple[Path, dict, dict[str, Any]]:
 def load_run(run_dir: str | os.PathLike, device: str = "cpu", key=None) -> LoadedModel:
     """The latest checkpoint of a pretraining run folder, as an eval-mode model with its tokenizer."""
     from zenlm.config import TransformerConfig, build
-    from zenlm.model import Transformer
+    from zenlm.model.seq2seq import build_model
     from zenlm.tokenizer import Tokenizer
 
     run = Path(run_dir)
@@ -215,7 +215,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", key=None) -> Loade
                               f"zenlm.load({str(run)!r})")
     ckpt, weights, meta = _latest(run, key)
     config = build(TransformerConfig, meta["config"]["model"], prefix="model.")
-    model = Transformer(config)
+    model = build_model(config)  # a Transformer, or a Seq2Seq when the config has an encoder
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt} does not fit its config "

@@ -1,4 +1,5 @@
-"""Multi-head self-attention: Q/K/V projections, rotary positions, grouped-query heads, a KV cache.
+"""Multi-head attention: Q/K/V projections, rotary positions, grouped-query heads, a KV cache;
+self-attention, or (``cross=True``) cross-attention to another sequence (an encoder's output).
 
 The one attention of zenlm. Every family goes through
 :func:`torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel where the
@@ -60,9 +61,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: TransformerConfig, layer: int):
+    """``cross``: queries from ``x``, keys and values from ``kv`` (a decoder reading its encoder,
+    masked by the source's padding), with no positions of their own to rotate and no causality.
+    Under a cache their keys and values are computed on the first step and kept (the source
+    does not change while decoding); the same class, so one kernel call and one set of names."""
+
+    def __init__(self, config: TransformerConfig, layer: int, cross: bool = False):
         super().__init__()
         self.layer = layer
+        self.cross = cross
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         qkv_bias = config.bias or config.qkv_bias
         d = config.d_model
@@ -72,8 +79,8 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_head * self.head_dim, d, bias=config.bias)
         self.o_proj.residual_init = True  # GPT-2's scaled init for projections into the residual
         self.dropout = config.dropout
-        self.causal = config.causal
-        self.use_rope = config.pos == "rope"
+        self.causal = config.causal and not cross
+        self.use_rope = config.pos == "rope" and not cross
         self.qkv = Projections.of("qkv_proj", config)
         # Opt-in attention capture (zenlm.model.capture): a callable given this layer's q, k and
         # the mask SDPA uses; None (the default) costs one attribute check per call.
@@ -81,25 +88,33 @@ class Attention(nn.Module):
 
     def fuse_projections(self) -> None:
         """q/k/v in one matrix ``qkv_proj``, for inference (see :class:`Projections`);
-        exporters split it back (``transformer.unfused_state``)."""
-        self.qkv.fuse(self)
+        exporters split it back (``transformer.unfused_state``). Cross-attention reads two
+        inputs: nothing to fuse."""
+        if not self.cross:
+            self.qkv.fuse(self)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+                kv: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(self, x)
-        q = q.view(b, t, nh, hd).transpose(1, 2)
-        k = k.view(b, t, nkv, hd).transpose(1, 2)
-        v = v.view(b, t, nkv, hd).transpose(1, 2)
-        if self.use_rope:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = cache.pos if cache is not None else 0
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # in the cache's dtype: attention runs in it
-            if q.dtype != k.dtype:
-                q = q.to(k.dtype)
+        if self.cross:
+            q = self.q_proj(x).view(b, t, nh, hd).transpose(1, 2)
+            k, v = self._memory_kv(kv, cache)
+            q, past = q.to(k.dtype), 0
+        else:
+            q, k, v = self.qkv(self, x)
+            q = q.view(b, t, nh, hd).transpose(1, 2)
+            k = k.view(b, t, nkv, hd).transpose(1, 2)
+            v = v.view(b, t, nkv, hd).transpose(1, 2)
+            if self.use_rope:
+                cos, sin = rope
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            past = cache.pos if cache is not None else 0
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v)  # in the cache's dtype: attention runs in it
+                if q.dtype != k.dtype:
+                    q = q.to(k.dtype)
         # Causality: a fresh sequence uses the fused causal kernel; a single new token sees the
         # whole cache; a chunk appended to a cache needs an explicit mask (passed in).
         # (t > 1 first: under torch.compile a one-token step then never looks at the dynamic past)
@@ -112,3 +127,18 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(b, t, nh * hd).to(x.dtype)
         return self.o_proj(y)
+
+    def _memory_kv(self, kv: torch.Tensor | None, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of the encoder output ``kv`` (B, S, d): from the
+        cache once stored there, else projected (and stored)."""
+        stored = cache.cross.get(self.layer) if cache is not None else None
+        if stored is not None:
+            return stored
+        if kv is None:
+            raise ValueError("cross-attention needs the encoder's output (memory)")
+        b, s, _ = kv.shape
+        k = self.k_proj(kv).view(b, s, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(kv).view(b, s, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.store_cross(self.layer, k, v)
+        return k, v

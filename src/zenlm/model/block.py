@@ -2,7 +2,9 @@
 norm(x + attn(x)), then norm(x + mlp(x)).
 
 Which norm, where it sits and which MLP are config switches, so GPT-2, Llama and BERT share
-this class.
+this class. With ``cross_attention`` (decoder blocks of an encoder-decoder) a cross-attention
+sub-layer to the encoder's output sits between the two: x + cross(norm(x), memory), or
+post-norm norm(x + cross(x, memory)).
 """
 
 from __future__ import annotations
@@ -56,17 +58,24 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer)
+        self.cross_norm = make_norm(config) if config.cross_attention else None
+        self.cross_attn = Attention(config, layer, cross=True) if config.cross_attention else None
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
         self.post_norm = config.norm_position == "post"
 
     def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.post_norm:
             x = self.attn_norm(x + self._drop(self.attn(x, rope, cache, attn_mask)))
+            if self.cross_attn is not None:
+                x = self.cross_norm(x + self._drop(self.cross_attn(x, None, cache, memory_mask, kv=memory)))
             return self.mlp_norm(x + self._drop(self.mlp(x)))
         x = x + self._drop(self.attn(self.attn_norm(x), rope, cache, attn_mask))
+        if self.cross_attn is not None:
+            x = x + self._drop(self.cross_attn(self.cross_norm(x), None, cache, memory_mask, kv=memory))
         return x + self._drop(self.mlp(self.mlp_norm(x)))
 
     def _drop(self, h: torch.Tensor) -> torch.Tensor:

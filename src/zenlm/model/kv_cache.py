@@ -27,6 +27,10 @@ class KVCache:
         self.layers = [(torch.zeros(shape, dtype=dtype, device=device),
                         torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_layer)]
         self.max_len = max_len
+        self.dtype = dtype
+        # cross-attention keys/values per layer: projected from the encoder's output on the
+        # first step and kept, since the source does not change while decoding
+        self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pos = 0  # positions filled so far (shared by every layer once a forward completes)
         self.lengths: list[int] | None = [0] * batch if per_row else None  # per-row mode
         self.live: list[bool] | None = None  # per-row: rows that take part in the next forward
@@ -120,8 +124,25 @@ class KVCache:
             return
         self.pos += t
 
+    def store_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep cross-attention k/v (B, heads, S, head_dim) for ``layer``, in the cache's dtype."""
+        self.cross[layer] = (k.to(self.dtype), v.to(self.dtype))
+        return self.cross[layer]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row ``i`` becomes old row ``rows[i]`` (beam search keeps the best continuations,
+        which may descend from the same hypothesis): self-attention positions so far and the
+        cross-attention keys/values alike."""
+        for keys, values in self.layers:
+            past = keys.narrow(2, 0, self.pos)
+            past.copy_(past.index_select(0, rows))
+            past = values.narrow(2, 0, self.pos)
+            past.copy_(past.index_select(0, rows))
+        self.cross = {i: (k.index_select(0, rows), v.index_select(0, rows)) for i, (k, v) in self.cross.items()}
+
     def reset(self) -> None:
         self.pos = 0
+        self.cross = {}
         if self.lengths is not None:
             self.lengths = [0] * len(self.lengths)
 

@@ -26,6 +26,7 @@ from zenlm.model.heads import MaskedLMHead, Pooler
 from zenlm.model.kv_cache import KVCache
 from zenlm.model.linear import Linear, is_plain_linear, linear
 from zenlm.model.loss import lm_loss
+from zenlm.model.positions import sinusoidal_table
 from zenlm.model.projections import FUSED_PARTS, part_sizes
 
 
@@ -80,6 +81,8 @@ class Transformer(nn.Module):
         self.pooler = Pooler(config) if config.pooler else None
         if config.pos == "rope":
             self._set_rope_tables()
+        if config.pos == "sinusoidal":
+            self._set_pos_table()
         self.apply(self._init_weights)
         # Recompute each block's activations in backward instead of storing them: less memory
         # for longer sequences, at the price of one more forward. Set by the training loop.
@@ -91,6 +94,11 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_base, c.rope_scaling)
         self.register_buffer("rope_cos", cos.to(device, dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(device, dtype), persistent=False)
+
+    def _set_pos_table(self, device: torch.device | str | None = None,
+                       dtype: torch.dtype = torch.float32) -> None:
+        table = sinusoidal_table(self.config.max_seq_len, self.config.d_model)
+        self.register_buffer("pos_table", table.to(device, dtype), persistent=False)
 
     @classmethod
     def from_weights(cls, config: TransformerConfig, weights: dict[str, torch.Tensor]) -> "Transformer":
@@ -110,6 +118,8 @@ class Transformer(nn.Module):
         if config.pos == "rope":
             emb = model.tok_emb.weight
             model._set_rope_tables(emb.device, emb.dtype)
+        if config.pos == "sinusoidal":
+            model._set_pos_table(model.tok_emb.weight.device, model.tok_emb.weight.dtype)
         return model.eval()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -188,8 +198,13 @@ class Transformer(nn.Module):
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, *,
                       attention_mask: torch.Tensor | None = None,
                       segment_ids: torch.Tensor | None = None,
-                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      token_type_ids: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                      memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d): what every task head reads.
+
+        ``memory`` (B, S, d) is what cross-attention blocks read (an encoder's output) and
+        ``memory_mask`` (B, S) its real tokens (1) and padding (0); under a cache the memory's
+        keys and values are projected on the first call and kept.
 
         ``attention_mask`` (B, S) marks real tokens (1) and padding (0) over every position so
         far, cached ones included (S = cache.pos + T). It lets rows of different lengths share a
@@ -232,11 +247,15 @@ class Transformer(nn.Module):
         else:
             positions = torch.arange(start, start + t, device=dev)
         x = self.tok_emb(idx)
+        if self.config.scale_embeddings:
+            x = x * math.sqrt(self.config.d_model)
         if self.pos_emb is not None:
             # training looks positions up per row: per-example gradients (DP-SGD's hooks) need
             # the batch dimension to tell whose position each is
             rows = positions.expand(b, t) if positions.dim() == 1 and self.training else positions
             x = x + self.pos_emb(rows)
+        if self.config.pos == "sinusoidal":
+            x = x + self.pos_table[positions].to(x.dtype)
         if self.type_emb is not None:
             x = x + (self.type_emb.weight[0] if token_type_ids is None else self.type_emb(token_type_ids))
         if self.emb_norm is not None:
@@ -258,11 +277,13 @@ class Transformer(nn.Module):
         elif cache is not None and not per_row and start > 0 and t > 1:  # a chunk appended to a filled cache
             q_pos = torch.arange(start, start + t, device=dev)[:, None]
             mask = torch.arange(start + t, device=dev)[None, :] <= q_pos
+        mem_mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
         for block in self.blocks:
             if self.activation_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, mask, memory, mem_mask,
+                                                      use_reentrant=False)
             else:
-                x = block(x, rope, cache, mask)
+                x = block(x, rope, cache, mask, memory, mem_mask)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)

@@ -28,6 +28,7 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-clock budget; the schedule is fitted to it
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    schedule: str = "cosine"  # after warmup: cosine | inverse_sqrt (lr * sqrt(warmup / t))
     warmup_steps: int | None = None  # None: warmup_frac of the run
     warmup_frac: float = 0.05
     weight_decay: float = 0.1
@@ -53,6 +54,13 @@ class TrainConfig:
     # restore the best weights; the metric is the task's own (val_loss, val_accuracy) unless set
     early_stop_patience: int = 0
     early_stop_metric: str | None = None
+    # encoder-decoder (translation) runs: padded tokens per micro-batch (pairs grouped by
+    # length; None: batch_size * max_seq_len), label smoothing, and how much of val each
+    # evaluation translates for val BLEU (0: none) with which beam
+    batch_tokens: int | None = None
+    label_smoothing: float = 0.0
+    eval_bleu_sentences: int = 200
+    eval_beam: int = 1
     # a key file (zenlm.crypt): checkpoints are written sealed with it, and resume reads them
     encrypt_key_file: str | None = None
     dp: DPConfig = field(default_factory=DPConfig)  # differential privacy (off unless dp.epsilon)
@@ -67,6 +75,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be at least 1")
         if self.lr <= 0:
             raise ConfigError("train.lr must be positive")
+        if self.schedule not in ("cosine", "inverse_sqrt"):
+            raise ConfigError(f"train.schedule must be cosine or inverse_sqrt, got {self.schedule!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass

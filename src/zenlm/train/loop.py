@@ -85,7 +85,12 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
     world = setup(cfg.train.device)
     try:
         quiet = log if world.is_main else (lambda *a, **k: None)
-        task = LMTask(cfg) if cfg.model.causal else MLMTask(cfg)  # an encoder learns masked tokens
+        if cfg.model.encoder_layers:  # an encoder-decoder trains on sentence pairs
+            from zenlm.train.seq2seq import Seq2SeqTask
+
+            task = Seq2SeqTask(cfg)
+        else:
+            task = LMTask(cfg) if cfg.model.causal else MLMTask(cfg)  # an encoder learns masked tokens
         summary = _run(task, cfg.train, world, resume, quiet)
         barrier(world)  # leave together (not after an error: the other rank may be gone)
         return summary
@@ -277,7 +282,7 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
                 break
             lr = lr_at(progress, step, lr=tc.lr, min_lr_ratio=tc.min_lr_ratio,
                        warmup_steps=tc.warmup_steps, warmup_frac=tc.warmup_frac,
-                       max_steps=tc.max_steps)
+                       max_steps=tc.max_steps, schedule=tc.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), device=device)

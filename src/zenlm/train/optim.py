@@ -83,21 +83,28 @@ def make_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[fl
 
 
 def lr_at(progress: float, step: int, *, lr: float, min_lr_ratio: float, warmup_steps: int | None,
-          warmup_frac: float, max_steps: int | None = None) -> float:
+          warmup_frac: float, max_steps: int | None = None, schedule: str = "cosine") -> float:
     """Linear warmup, then cosine from lr down to lr * min_lr_ratio as progress goes 0 -> 1.
 
     ``progress`` is the fraction of the run done (by steps or by wall-clock, whichever is
     further), so a run with a time budget decays on schedule however fast the machine is.
     Warmup is ``warmup_steps`` steps when given, else the first ``warmup_frac`` of the run; the
     cosine starts where warmup ends, so the LR never jumps.
+
+    ``schedule="inverse_sqrt"`` decays as 1/sqrt(time) after warmup instead (the original
+    Transformer's schedule): lr * sqrt(warmup / t), in steps or in progress as warmup is given.
     """
     if warmup_steps is not None:
         if step < warmup_steps:
             return lr * (step + 1) / warmup_steps
+        if schedule == "inverse_sqrt":
+            return lr * math.sqrt(warmup_steps / (step + 1))
         start = warmup_steps / max_steps if max_steps else 0.0
     else:
         if progress < warmup_frac:
             return lr * max(progress, 1e-3) / warmup_frac
+        if schedule == "inverse_sqrt":
+            return lr * math.sqrt(warmup_frac / progress)
         start = warmup_frac
     t = min(max((progress - start) / max(1.0 - start, 1e-9), 0.0), 1.0)
     floor = lr * min_lr_ratio
