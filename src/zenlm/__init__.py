@@ -23,11 +23,15 @@ def load(path_or_id: str, device: str = "cpu", **options):
 
 
 def export_hf(loaded, out_dir: str, **options):
-    """Write a loaded model and its tokenizer as a Hugging Face folder that transformers loads."""
+    """Write a loaded model and its tokenizer as a Hugging Face folder that transformers loads,
+    with a signed lineage card (``card.json``, the loaded source as its parent) and a README.md
+    model card built from it."""
     from zenlm.interop.hf import export_hf as _export
+    from zenlm.privacy.card import write_export_card
 
-    options.setdefault("source", loaded.source)  # the parent in the export's lineage card
-    return _export(loaded.model, loaded.tokenizer, out_dir, **options)
+    out = _export(loaded.model, loaded.tokenizer, out_dir, **options)
+    write_export_card(out, source=loaded.source)
+    return out
 
 
 def export_gguf(loaded, path: str, **options):

@@ -162,3 +162,24 @@ def moderated(policy, prompt: str, reply):
         sys.stderr.flush()
 
     return Moderated(policy, prompt, reply, on_verdict=note)
+
+
+def need_lm(loaded, task: str) -> None:
+    """Refuse a classifier or a tokenizer-less model where a task scores text with an LM."""
+    from zenlm.errors import ConfigError
+
+    if hasattr(loaded.model, "labels"):
+        raise ConfigError(f"{loaded.source} is a classifier; --task {task} needs a language model "
+                          f"(its base, or --task classify)")
+    if loaded.tokenizer is None:
+        raise ConfigError(f"{loaded.source} has no tokenizer")
+
+
+def subsample(rows: list, limit: int | None, seed: int) -> list:
+    """A seeded, order-keeping sample of ``limit`` rows (``--limit``): the same rows every run."""
+    import random
+
+    if not limit or limit >= len(rows):
+        return rows
+    keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
+    return [rows[i] for i in keep]

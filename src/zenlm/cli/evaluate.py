@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from zenlm.cli.common import add_model_arg
+from zenlm.cli.common import add_model_arg, need_lm, subsample
 
 BIAS_SAFETY = ("crows-pairs", "counterfactual", "refusal")
 
@@ -128,7 +128,7 @@ def _ppl(args, loaded) -> dict:
     from zenlm.eval.perplexity import evaluate_text
 
     text = read_text_file(args.data)
-    _need_lm(loaded, "ppl")
+    need_lm(loaded, "ppl")
     if args.seq_len is not None and args.seq_len < 1:
         from zenlm.errors import ConfigError
 
@@ -138,34 +138,15 @@ def _ppl(args, loaded) -> dict:
     return evaluate_text(loaded.model, loaded.tokenizer, text, seq_len=seq_len, batch=args.batch_size).as_dict()
 
 
-def _need_lm(loaded, task: str) -> None:
-    from zenlm.errors import ConfigError
-
-    if hasattr(loaded.model, "labels"):
-        raise ConfigError(f"{loaded.source} is a classifier; --task {task} needs a language model "
-                          f"(its base, or --task classify)")
-    if loaded.tokenizer is None:
-        raise ConfigError(f"{loaded.source} has no tokenizer")
-
-
-def _subsample(rows: list, limit: int | None, seed: int) -> list:
-    import random
-
-    if not limit or limit >= len(rows):
-        return rows
-    keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
-    return [rows[i] for i in keep]
-
-
 def _choice(args, loaded) -> dict:
     from zenlm.eval.choice import draw, multiple_choice, read_choice_file
 
-    _need_lm(loaded, "choice")
+    need_lm(loaded, "choice")
     if args.shots and not args.train:
         from zenlm.errors import ConfigError
 
         raise ConfigError("--shots needs --train FILE to draw the examples from")
-    rows = _subsample(read_choice_file(args.data), args.limit, args.seed)
+    rows = subsample(read_choice_file(args.data), args.limit, args.seed)
     shots = draw(read_choice_file(args.train), args.shots, args.seed) if args.shots else []
     res = multiple_choice(loaded.model, loaded.tokenizer, rows, shots, batch_size=args.batch_size)
     return {**res.as_dict(), "shots": args.shots}
@@ -177,7 +158,7 @@ def _classify(args, loaded) -> dict:
     from zenlm.eval.classify import classify_texts, score
 
     data = read_labelled(args.data, args.text_col, args.label_col)
-    keep = _subsample(list(range(len(data))), args.limit, args.seed)
+    keep = subsample(list(range(len(data))), args.limit, args.seed)
     data = data.subset(keep)
     model, tok = loaded.model, loaded.tokenizer
     if hasattr(model, "labels"):  # a fine-tuned classifier: its head decides
@@ -190,7 +171,7 @@ def _classify(args, loaded) -> dict:
     else:
         from zenlm.eval.choice import draw, prompt_classify
 
-        _need_lm(loaded, "classify")
+        need_lm(loaded, "classify")
         words = _label_words(args.labels)
         labels = list(words) if words else label_names(data.labels)
         gold = label_ids(data.labels, labels, data.source)

@@ -54,15 +54,15 @@ def _write_rows(path: str, rows: list[dict]) -> None:
 
 def run_task(args) -> int:
     import zenlm
-    from zenlm.cli.evaluate import _need_lm, _subsample
+    from zenlm.cli.common import need_lm, subsample
     from zenlm.errors import ConfigError
 
     loaded = zenlm.load(args.model, key_file=getattr(args, "key_file", None))
     if args.task == "crows-pairs":
         from zenlm.eval.fairness import crows_pairs, format_crows, read_crows_pairs
 
-        _need_lm(loaded, args.task)
-        pairs = _subsample(read_crows_pairs(_data(args, "crows_pairs")), args.limit, args.seed)
+        need_lm(loaded, args.task)
+        pairs = subsample(read_crows_pairs(_data(args, "crows_pairs")), args.limit, args.seed)
         res = crows_pairs(loaded.model, loaded.tokenizer, pairs, batch_size=args.batch_size, seed=args.seed)
         if args.replies:
             _write_rows(args.replies, res.pairs)
@@ -78,7 +78,7 @@ def run_task(args) -> int:
                               f"{args.model} is not one")
         if not args.data:
             raise ConfigError("--task counterfactual needs --data FILE (texts to swap words in)")
-        texts = _subsample(read_labelled(args.data, args.text_col, None).texts, args.limit, args.seed)
+        texts = subsample(read_labelled(args.data, args.text_col, None).texts, args.limit, args.seed)
         out = counterfactual(loaded.model, loaded.tokenizer, texts, read_swaps(args.swaps),
                              batch_size=args.batch_size)
         text = format_counterfactual(out)
@@ -86,15 +86,15 @@ def run_task(args) -> int:
         from zenlm.cli.common import load_policy
         from zenlm.eval.safety import SAFETY_SYSTEM_PROMPT, Judge, format_refusal, read_xstest, refusal_eval
 
-        _need_lm(loaded, args.task)
+        need_lm(loaded, args.task)
         if args.safety_prompt and args.system_prompt:
             raise ConfigError("--safety-prompt and --system-prompt both set a system prompt: give one")
         system = SAFETY_SYSTEM_PROMPT if args.safety_prompt else args.system_prompt
-        prompts = _subsample(read_xstest(_data(args, "xstest")), args.limit, args.seed)
+        prompts = subsample(read_xstest(_data(args, "xstest")), args.limit, args.seed)
         judge = None
         if args.judge:
             j = zenlm.load(args.judge)
-            _need_lm(j, args.task)
+            need_lm(j, args.task)
             judge = Judge(j.model, j.tokenizer)
         res = refusal_eval(loaded.model, loaded.tokenizer, prompts, system=system,
                            policy=load_policy(args.policy), judge=judge,

@@ -265,14 +265,14 @@ def fetch_hub(repo_id: str, revision: str | None = None) -> Path:
 # export
 
 
-def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None,
-              source: str | None = None) -> Path:
+def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None) -> Path:
     """Write ``model`` (and ``tokenizer``, if given) as a Hugging Face folder.
 
     A model with LoRA adapters is written merged; a classifier (``model/heads.py``) is written
     as the family's ``*ForSequenceClassification``. Each file is written atomically (a crash
-    leaves every file whole, old or new). The folder gets a signed lineage card (``card.json``,
-    with ``source`` as its parent) and a README.md model card built from it.
+    leaves every file whole, old or new). The signed lineage card is :func:`zenlm.export_hf`'s
+    to add: the card records where a model came from, which the loader knows and this writer
+    does not (and the card's floor sits above interop).
     """
     from safetensors.torch import save_file
 
@@ -313,9 +313,6 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, dtype=None,
     atomic_write_json(out / "generation_config.json", generation)
     if tokenizer is not None:
         tokenizer.save_hf_folder(out)
-    from zenlm.privacy.card import write_export_card
-
-    write_export_card(out, source=source)
     return out
 
 
