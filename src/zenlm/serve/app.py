@@ -292,18 +292,25 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 # --- completions --------------------------------------------------------------------------------
+def _items(value, param: str) -> list:
+    """OpenAI's one-or-many inputs (a string, strings, token ids, lists of token ids) as a list
+    of items, each a string or a list of ids; an empty list is a 400 naming ``param``."""
+    if isinstance(value, str):
+        items = [value]
+    elif value and all(isinstance(v, int) for v in value):
+        items = [list(value)]
+    else:
+        items = list(value)
+    if not items:
+        raise ApiError(400, f"{param}: an empty list", param=param, code="invalid_value")
+    return items
+
+
 def _completion_prompts(st: ServerState, prompt) -> tuple[list[str], list[list[int]]]:
     """The prompts of a completion request (a string, strings, ids or lists of ids) as text
     (for the audit record and echo) and as token ids (strings get the BOS the model expects)."""
     tok = st.tokenizer
-    if isinstance(prompt, str):
-        items = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        items = [list(prompt)]
-    else:
-        items = list(prompt)
-    if not items:
-        raise ApiError(400, "prompt: an empty list", param="prompt", code="invalid_value")
+    items = _items(prompt, "prompt")
     texts, out = [], []
     for p in items:
         if isinstance(p, str):
@@ -565,15 +572,7 @@ def _install_routes(app, st: ServerState) -> None:
 
         _check_model(st, body.model)
         ctx = _ctx(request)
-        inp = body.input
-        if isinstance(inp, str):
-            items = [inp]
-        elif inp and all(isinstance(x, int) for x in inp):
-            items = [list(inp)]
-        else:
-            items = list(inp)
-        if not items:
-            raise ApiError(400, "input: an empty list", param="input", code="invalid_value")
+        items = _items(body.input, "input")
         rows = []
         for x in items:
             ids = tok.encode(x) if isinstance(x, str) else list(x)
