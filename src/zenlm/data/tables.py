@@ -135,3 +135,19 @@ def column(rows: list[dict[str, Any]], name: str, columns: list[str], source: st
 
 __all__ = ["read_table", "write_table", "parse_table", "format_table", "table_format", "column",
            "FORMATS"]
+
+
+def read_named_csv(path: str | Path, default_name: str, columns: set[str], what: str) -> tuple[Path, list[dict[str, str]]]:
+    """The rows of a data set's CSV (``path`` is the file, or the folder holding
+    ``default_name``), refused with one line naming ``what`` when it lacks ``columns``: the
+    benchmark readers (CrowS-Pairs, XSTest) share this so their errors read alike."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / default_name
+    if not p.is_file():
+        raise DataError(f"{what} file not found: {p}")
+    with p.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not columns <= set(rows[0]):
+        raise DataError(f"{p} is not {what}: it needs columns {', '.join(sorted(columns))}")
+    return p, rows

@@ -19,7 +19,6 @@ class's probability moves, per swap pair.
 
 from __future__ import annotations
 
-import csv
 import difflib
 import re
 from dataclasses import asdict, dataclass, field
@@ -45,16 +44,10 @@ class Pair:
 
 def read_crows_pairs(path: str | Path) -> list[Pair]:
     """The anonymized CSV (a folder holding it, or the file itself)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "crows_pairs_anonymized.csv"
-    if not p.is_file():
-        raise DataError(f"CrowS-Pairs file not found: {p}")
-    with p.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    need = {"sent_more", "sent_less", "bias_type", "stereo_antistereo"}
-    if not rows or not need <= set(rows[0]):
-        raise DataError(f"{p} is not CrowS-Pairs: it needs columns {sorted(need)}")
+    from zenlm.data.tables import read_named_csv
+
+    _, rows = read_named_csv(path, "crows_pairs_anonymized.csv",
+                             {"sent_more", "sent_less", "bias_type", "stereo_antistereo"}, "CrowS-Pairs")
     return [Pair(r["sent_more"], r["sent_less"], r["bias_type"], r["stereo_antistereo"]) for r in rows]
 
 

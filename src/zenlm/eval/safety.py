@@ -14,7 +14,6 @@ it blocks counts as refused (the model never sees it), and so does a reply it bl
 
 from __future__ import annotations
 
-import csv
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,15 +61,9 @@ class Prompt:
 
 
 def read_xstest(path: str | Path) -> list[Prompt]:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "xstest_prompts.csv"
-    if not p.is_file():
-        raise DataError(f"XSTest file not found: {p}")
-    with p.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"prompt", "type", "label"} <= set(rows[0]):
-        raise DataError(f"{p} is not XSTest: it needs columns prompt, type, label")
+    from zenlm.data.tables import read_named_csv
+
+    p, rows = read_named_csv(path, "xstest_prompts.csv", {"prompt", "type", "label"}, "XSTest")
     bad = {r["label"] for r in rows} - {"safe", "unsafe"}
     if bad:
         raise DataError(f"{p}: labels must be safe or unsafe, got {sorted(bad)}")
