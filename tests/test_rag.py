@@ -94,7 +94,6 @@ def test_invalid_citation_numbers_are_caught(index, xquad):
     assert unsupported and not cited
 
 
-@pytest.mark.skipif(not hasattr(__import__("zenlm"), "embed"), reason="zenlm.embed (the encoder) is not here yet")
 @pytest.mark.slow
 @needs_smollm2
 def test_cli_ask_prints_sources(tmp_path, xquad):

@@ -390,7 +390,6 @@ def test_cli_search_answers_a_jsonl_batch_in_order(corpus, embedder, tmp_path):
     assert r.returncode == 2 and "not a zenlm index" in r.stderr
 
 
-@pytest.mark.skipif(not hasattr(__import__("zenlm"), "embed"), reason="zenlm.embed (the encoder) is not here yet")
 def test_cli_index_then_search_with_zenlm_embed(tmp_path):
     docs = stdlib_docs(6)
     tree = tmp_path / "tree"
