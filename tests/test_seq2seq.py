@@ -144,3 +144,10 @@ def test_translate_cli_batched_equals_one_at_a_time(trained, tmp_path):
     alone = [translate(loaded.model, loaded.tokenizer, [s], cfg=DecodeConfig(beam=3))[0] for s in lines]
     assert out == alone and len(out) == 10
     assert all("<pad>" not in t and "<|endoftext|>" not in t for t in out)  # detokenised text
+
+
+def test_generate_refuses_an_encoder_decoder_in_one_line(trained):
+    root, _ = trained
+    res = run_cli("generate", "--model", root / "run", "--prompt", "Hello")
+    assert res.returncode == 2, res.stderr
+    assert "is an encoder-decoder: use zenlm translate" in res.stderr and "Traceback" not in res.stderr

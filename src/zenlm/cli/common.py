@@ -94,8 +94,25 @@ def load_for_text(source: str, dtype: str = "fp32", quantize: str = "none", comp
     if loaded.tokenizer is None:
         raise TokenizerError(f"{source} has no tokenizer (a folder needs tokenizer.json, or "
                              f"vocab.json + merges.txt)")
+    _need_generator(loaded)
     prepare_for_decoding(loaded.model, dtype, quantize, compile, tokenizer=loaded.tokenizer)
     return loaded
+
+
+def _need_generator(loaded) -> None:
+    """Refuse, in one line, a model that cannot continue text: an encoder-decoder (it
+    translates) or a bare encoder (it fills masks and embeds). A classifier passes: predict
+    reads it through here too."""
+    from zenlm.errors import ConfigError
+    from zenlm.model.seq2seq import Seq2Seq
+
+    model = loaded.model
+    if isinstance(model, Seq2Seq):
+        raise ConfigError(f"{loaded.source} is an encoder-decoder: use zenlm translate")
+    config = getattr(model, "config", None)
+    if config is not None and not config.causal:
+        raise ConfigError(f"{loaded.source} is an encoder (bidirectional): use zenlm fill-mask "
+                          f"or zenlm embed, or fine-tune a classifier on it")
 
 
 def show_prompt(text: str, n_tokens: int) -> None:
