@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from zenlm.version import __version__
 
 
 def load(path_or_id: str, device: str = "cpu", **options):

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from zenlm.version import version
+
 COMMANDS = {
     "prepare": "zenlm.cli.prepare",
     "pretrain": "zenlm.cli.pretrain",
@@ -34,19 +36,6 @@ COMMANDS = {
     "search": "zenlm.cli.search",
     "ask": "zenlm.cli.ask",
 }
-
-
-def version() -> str:
-    """The installed distribution's version (what pip reports), else the source tree's."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
-    try:
-        return installed("zenlm")
-    except PackageNotFoundError:
-        from zenlm import __version__
-
-        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -254,14 +254,9 @@ def check_signature(card: dict, public_keys: list[str | os.PathLike] = ()) -> di
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from zenlm.version import version
 
-    try:
-        return version("zenlm")
-    except PackageNotFoundError:
-        from zenlm import __version__
-
-        return __version__
+    return version()
 
 
 def build_card(folder: str | os.PathLike, *, kind: str, config: dict | None = None,
