@@ -1,11 +1,11 @@
-"""`zenlm serve --model M [--host 127.0.0.1] [--port 8000] [--state DIR]`: the OpenAI-compatible
+"""`zenlm serve --model M [--host 127.0.0.1] [--port 8000] [--state DIR] [--policy FILE]`: the OpenAI-compatible
 server, with the chat page at ``/``. Keys come from `zenlm keys create --state DIR`."""
 
 from __future__ import annotations
 
 import sys
 
-from zenlm.cli.common import add_decoding_args, add_model_arg
+from zenlm.cli.common import add_decoding_args, add_model_arg, add_policy_arg
 from zenlm.cli.keys import add_state_arg
 
 
@@ -24,23 +24,25 @@ def add_parser(sub) -> None:
                    help="seconds running requests get to finish after SIGTERM")
     p.add_argument("--audit-prompts", action="store_true",
                    help="keep prompt text in the audit log (by default only its sha256)")
+    add_policy_arg(p)  # on every prompt and reply; also answers /v1/moderations
     add_decoding_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from zenlm.cli.common import load_for_text
+    from zenlm.cli.common import load_for_text, load_policy
     from zenlm.serve.keys import KeyStore
     from zenlm.serve.runner import check_bind, make_server
 
     check_bind(args.host, KeyStore(args.state))  # before the model loads
+    policy = load_policy(args.policy)  # a bad policy file fails before the model loads too
     loaded = load_for_text(args.model, args.dtype, args.quantize, args.compile)
     from zenlm.serve.app import create_app
 
     app = create_app(loaded, state_dir=args.state, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill_chunk=args.prefill_chunk, audit_prompts=args.audit_prompts,
                      model_name=args.name or ("smollm2" if args.model == "smollm2" else None),
-                     grace=args.grace)
+                     grace=args.grace, policy=policy)
     print(f"zenlm: serving {app.state.zenlm.model_name} on http://{args.host}:{args.port} "
           f"(state {args.state})", file=sys.stderr)
     make_server(app, args.host, args.port).run()

@@ -92,6 +92,17 @@ class Rule:
                 return {"rule": self.name, "action": self.action, "score": score}
         return None
 
+    def score(self, text: str) -> tuple[bool, float]:
+        """(matches, score) for a moderation query: a regex or keyword hit scores 1.0; a
+        classifier rule that no pattern hits scores its classifier's probability, even below the
+        threshold, so a caller can see how close the text came."""
+        if any(p.search(text) for p in self._patterns):
+            return True, 1.0
+        if self._model is not None:
+            s = classifier_score(*self._model, text, self.labels)
+            return s >= self.threshold, s
+        return False, 0.0
+
 
 def classifier_score(classifier, tokenizer, text: str, labels: list[str]) -> float:
     """The probability a zenlm classifier gives ``labels`` together, for one text."""

@@ -25,6 +25,7 @@ from fastapi import Request
 from zenlm.serve import metrics as prom
 from zenlm.serve.generation import Choice, Generation
 from zenlm.serve.guard import COOKIE, Guard
+from zenlm.serve.moderation import FINISH, filter_for
 from zenlm.serve.openai_errors import ApiError, error_response, from_exception
 # FastAPI reads the routes' annotations from this module's globals: the body models live here
 from zenlm.serve.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
@@ -90,6 +91,7 @@ class ServerState:
     checkpoint: dict = field(default_factory=dict)
     eot_stop: str | None = None
     metrics: Metrics | None = None
+    moderation: Any = None  # zenlm.serve.moderation.ServerModeration, with --policy
 
     def last_checkpoint(self) -> dict:
         """The audit log's latest signed checkpoint (size and head)."""
@@ -134,18 +136,21 @@ def default_model_name(source: str) -> str:
 
 def create_app(loaded, *, state_dir: str | Path, engine=None, max_batch: int = 16, max_queue: int = 64,
                prefill_chunk: int = 256, max_len: int | None = None, audit_prompts: bool = False,
-               model_name: str | None = None, grace: float = 30.0, checkpoint_every: int = 100):
+               model_name: str | None = None, grace: float = 30.0, checkpoint_every: int = 100,
+               policy=None):
     """The server app for a prepared model (``zenlm.infer.prepare.prepare_for_decoding`` done).
 
     ``state_dir`` holds the keys (keys.sqlite + secret), the audit log (audit/) and its key
     (audit.key, outside the log folder). ``engine``: an Engine to serve with (else one is built
-    with the sizes given); it is started with the app and shut down with it.
+    with the sizes given); it is started with the app and shut down with it. ``policy``: a
+    moderation Policy or its file, applied to prompts and replies and answering /v1/moderations.
     """
     from fastapi import FastAPI
 
     from zenlm.infer.chat import end_of_turn
     from zenlm.serve.audit import AuditLog
     from zenlm.serve.keys import KeyStore
+    from zenlm.serve import moderation
     from zenlm.serve.limits import Limiter
     from zenlm.serve.state import state_paths
 
@@ -165,6 +170,8 @@ def create_app(loaded, *, state_dir: str | Path, engine=None, max_batch: int = 1
                      model_name=model_name or default_model_name(getattr(loaded, "source", "model")),
                      grace=grace, eot_stop=eot if eot and eot != tok.eot else None)
     st.metrics = Metrics(st)
+    policy = moderation.load(policy)
+    st.moderation = moderation.ServerModeration(policy) if policy is not None else None
 
     from contextlib import asynccontextmanager
 
@@ -186,6 +193,7 @@ def create_app(loaded, *, state_dir: str | Path, engine=None, max_batch: int = 1
     app.state.zenlm = st
     _install_errors(app)
     _install_routes(app, st)
+    moderation.install_routes(app, st)
     app.add_middleware(Guard, state=st)
     return app
 
@@ -400,6 +408,8 @@ def _install_routes(app, st: ServerState) -> None:
         ctx["prompt"] = "\n".join(texts)
         ctx["prompt_tokens"] = sum(len(p) for p in prompts)
         st.metrics.prompt_tokens.inc(ctx["prompt_tokens"])
+        if st.moderation is not None:  # before anything (echo logprobs included) reaches the engine
+            await st.moderation.prompts(ctx, texts, "prompt")
         k = body.logprobs
         max_new = min(_room(st, ids, body.max_tokens) for ids in prompts)
         echoes: list[tuple[str, dict | None]] = []
@@ -441,6 +451,8 @@ def _install_routes(app, st: ServerState) -> None:
                 choices = await gen.collect(request.is_disconnected)
                 ctx["completion_tokens"] = sum(len(c.tokens) for c in choices)
                 st.metrics.completion_tokens.inc(ctx["completion_tokens"])
+                if st.moderation is not None:
+                    await st.moderation.withhold(ctx, choices)
             return {"id": cid, "object": "text_completion", "created": created, "model": st.model_name,
                     "choices": [choice_json(c) for c in choices],
                     "usage": _usage(ctx["prompt_tokens"], ctx["completion_tokens"])}
@@ -453,6 +465,8 @@ def _install_routes(app, st: ServerState) -> None:
             if include_usage:
                 obj["usage"] = None
             return _sse(obj)
+
+        filt = filter_for(st, ctx, n_choices)
 
         async def stream():
             offsets = [0] * n_choices
@@ -470,6 +484,11 @@ def _install_routes(app, st: ServerState) -> None:
                         if ev.token is not None:
                             ctx["completion_tokens"] += 1
                             st.metrics.completion_tokens.inc()
+                        if filt is not None and (say := await filt.feed(i, ev.text, ev.finish_reason)) != "pass":
+                            if say == "stop":
+                                gen.handles[i].cancel()
+                                yield chunk(i, "", None, FINISH)
+                            continue
                         lp = None
                         if k is not None and ev.token is not None:
                             lp = _legacy_logprobs(tok, [ev.token], [ev.logprob], [list(ev.top_logprobs or [])],
@@ -501,6 +520,8 @@ def _install_routes(app, st: ServerState) -> None:
         ids = tok.encode(text)  # the template writes the BOS itself where the model wants one
         ctx["prompt"], ctx["prompt_tokens"] = text, len(ids)
         st.metrics.prompt_tokens.inc(len(ids))
+        if st.moderation is not None:  # every message: the client writes the system and assistant ones too
+            await st.moderation.prompts(ctx, ["\n".join(m["content"] for m in messages)], "messages")
         wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_new = _room(st, ids, wanted)
         stop = list(body.stop) + ([st.eot_stop] if st.eot_stop else [])
@@ -523,6 +544,8 @@ def _install_routes(app, st: ServerState) -> None:
             choices = await gen.collect(request.is_disconnected)
             ctx["completion_tokens"] = sum(len(c.tokens) for c in choices)
             st.metrics.completion_tokens.inc(ctx["completion_tokens"])
+            if st.moderation is not None:
+                await st.moderation.withhold(ctx, choices)
             return {"id": cid, "object": "chat.completion", "created": created, "model": st.model_name,
                     "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                                  "logprobs": {"content": content_lp(c.tokens, c.logprobs, c.tops)}
@@ -541,6 +564,8 @@ def _install_routes(app, st: ServerState) -> None:
                 obj["usage"] = None
             return _sse(obj)
 
+        filt = filter_for(st, ctx, body.n)
+
         async def stream():
             try:
                 for i in range(body.n):
@@ -549,6 +574,11 @@ def _install_routes(app, st: ServerState) -> None:
                     if ev.token is not None:
                         ctx["completion_tokens"] += 1
                         st.metrics.completion_tokens.inc()
+                    if filt is not None and (say := await filt.feed(i, ev.text, ev.finish_reason)) != "pass":
+                        if say == "stop":
+                            gen.handles[i].cancel()
+                            yield chunk(i, {}, None, FINISH)
+                        continue
                     lp = None
                     if k is not None and ev.token is not None:
                         lp = content_lp([ev.token], [ev.logprob], [ev.top_logprobs])

@@ -20,6 +20,8 @@ ROUTE_SCOPES: dict[str, tuple[str, ...]] = {
     "/v1/completions": (GEN,),
     "/v1/chat/completions": (GEN,),
     "/v1/embeddings": (EMB,),
+    # text about to be sent to the model is screened by whoever sends it; operators test the policy
+    "/v1/moderations": (GEN, ADMIN),
     "/tokenize": (GEN, EMB),
     "/detokenize": (GEN, EMB),
     "/tokenizer_info": (GEN, EMB),
@@ -153,5 +155,7 @@ class Guard:
                       client=f"{client[0]}:{client[1]}" if client else None)
         if prompt is not None:
             fields["prompt"] = prompt
+        if ctx.get("moderation"):  # the non-allow verdicts: rule names and scores, no text
+            fields["moderation"] = ctx["moderation"]
         st.audit.append(**fields)
 

@@ -88,3 +88,8 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
+
+
+class ModerationRequest(_Body):
+    model: str | None = None  # any name: the server's policy answers whatever model is asked for
+    input: str | list[str] | list[dict]
