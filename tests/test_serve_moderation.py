@@ -166,14 +166,23 @@ def test_output_block_ends_with_content_filter(served):
     sent = "".join(pieces)
     assert finish[-1] == "content_filter" and finish.count("content_filter") == 1
     assert ref.startswith(sent) and not re.search(r"\b6\b", sent) and len(sent) >= m.start() - 1
-    # a chat stream is cut the same way
-    msgs = [{"role": "user", "content": "Continue the list: 1, 2, 3, 4, 5,"}]
+    # a chat reply is withheld, and a chat stream cut, the same way
+    from zenlm.infer import SamplingConfig
+    from zenlm.infer.chat import ChatSession
+
+    ask = "Continue the list: 1, 2, 3, 4, 5,"
+    session = ChatSession(served.loaded.model, served.loaded.tokenizer, SamplingConfig(max_new_tokens=24,
+                                                                                      temperature=0))
+    ref = "".join(session.reply(ask))
+    assert re.search(r"\b6\b", ref), ref
+    msgs = [{"role": "user", "content": ask}]
     full = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=24, temperature=0)
-    if full.choices[0].finish_reason == "content_filter":
-        chunks = list(c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=24, temperature=0,
-                                                stream=True))
-        assert chunks[-1].choices[0].finish_reason == "content_filter"
-        assert not re.search(r"\b6\b", "".join(ch.choices[0].delta.content or "" for ch in chunks))
+    assert full.choices[0].finish_reason == "content_filter" and full.choices[0].message.content == ""
+    chunks = list(c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=24, temperature=0,
+                                            stream=True))
+    sent = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    assert ref.startswith(sent) and sent and not re.search(r"\b6\b", sent)
 
 
 def test_audit_records_moderation_and_verifies(served, capsys):
