@@ -286,9 +286,29 @@ def test_explain_attention_cli_on_an_encoder_decoder(s2s_report, tmp_path):
     for m in rec["maps"].values():  # (heads, target tokens, source tokens), rows summing to one
         assert [len(m), len(m[0]), len(m[0][0])] == [2, len(rec["tokens"]), len(rec["keys"])]
         assert all(abs(sum(row) - 1) < 1e-5 for head in m for row in head)
-    assert '"keys"' in Path(res["html"]).read_text()
     bad = run_cli("explain", "--model", run, "Three one four.")
     assert bad.returncode == 2 and "use zenlm explain attention" in bad.stderr
+    # the head view: a row of target tokens (hover picks the query), a row of source tokens
+    # shaded by that query's weights, and the target x source grid
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    browser = _browser()
+    try:
+        browser.get(Path(res["html"]).as_uri())
+        queries = browser.find_elements(By.CSS_SELECTOR, "#qtok .t")
+        assert len(queries) == len(rec["tokens"])
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#tok .t")) == len(rec["keys"])
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#grid td")) == len(rec["tokens"]) * len(rec["keys"])
+        ActionChains(browser).move_to_element(queries[1]).perform()
+        assert "sel" in browser.find_elements(By.CSS_SELECTOR, "#qtok .t")[1].get_attribute("class")
+        shown = [float(k.get_attribute("title").split()[-1]) for k in browser.find_elements(By.CSS_SELECTOR, "#tok .t")]
+        first = rec["maps"][str(min(map(int, rec["maps"])))][0][1]  # first layer, head 0, query 1
+        assert shown == pytest.approx(first, abs=1e-4)
+        logs = browser.get_log("browser")
+        assert [e for e in logs if e["level"] in ("SEVERE", "WARNING")] == [], logs
+    finally:
+        browser.quit()
 
 
 def test_report_without_a_model_says_what_is_missing(cls_run, tmp_path):
