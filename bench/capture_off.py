@@ -74,8 +74,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     after, before = Attention.forward, forward_without_hook()
     vocab = 8192
-    cfg = TransformerConfig.preset("llama", vocab_size=vocab, n_layer=args.layers, n_head=6 if args.d_model % 6 == 0 else 4,
-                                   n_kv_head=2, d_model=args.d_model, max_seq_len=max(512, args.seq))
+    heads = 6 if args.d_model % 6 == 0 else 4  # head_dim 64 at the default width
+    cfg = TransformerConfig.preset("llama", vocab_size=vocab, n_layer=args.layers, n_head=heads, n_kv_head=2,
+                                   d_model=args.d_model, max_seq_len=max(512, args.seq))
     torch.manual_seed(0)
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
