@@ -1,5 +1,5 @@
-"""`zenlm report RUN`: report cards of real tiny runs (a pretrain run and a LoRA classifier
-fine-tuned from it), read back as a person and a browser would: the Markdown holds the run's
+"""`zenlm report RUN`: report cards of real tiny runs (a pretrain run, a LoRA classifier
+fine-tuned from it, a tiny translation run), read back as a person and a browser would: the Markdown holds the run's
 own figures, the HTML references nothing outside itself, and a real headless Chromium renders
 it (a non-blank screenshot, every image decoded, no console errors)."""
 
@@ -230,6 +230,87 @@ def test_report_of_a_dp_run_shows_the_epsilon_spent(tmp_path, trained_run, cls_r
     assert "metrics.png" in {Path(f).name for f in res["figures"]}
 
 
+@pytest.fixture(scope="module")
+def s2s_report(tmp_path_factory):
+    """The card of a tiny encoder-decoder trained for a few steps on number words (EN -> DE)."""
+    from helpers import TINY_SEQ2SEQ, write_number_pairs
+    from zenlm.data.pairs import PairsConfig, prepare_pairs
+    from zenlm.train.config import resolve
+    from zenlm.train.loop import pretrain
+
+    root = tmp_path_factory.mktemp("report-s2s")
+    src, tgt = write_number_pairs(root / "raw", n=200)
+    prepare_pairs(PairsConfig(src=str(src), tgt=str(tgt), out=str(root / "d"), vocab_size=300), log=quiet)
+    pretrain(resolve({"model": TINY_SEQ2SEQ, "data": {"path": str(root / "d")},
+                      "train": {"out_dir": str(root / "run"), "max_steps": 30, "batch_tokens": 400, "lr": 3e-3,
+                                "warmup_steps": 3, "eval_every": 15, "eval_bleu_sentences": 8,
+                                "progress": False, "device": "cpu", "log_every": 5, "seed": 3}}), log=quiet)
+    return root / "run", write_report(root / "run", load=zenlm.load, verify=verify, log=quiet)
+
+
+def test_report_of_a_translation_run(s2s_report):
+    from zenlm.data.pairs import PairShards
+    from zenlm.explain.attention import pair_attention
+
+    run, res = s2s_report
+    md, page = Path(res["markdown"]).read_text(), Path(res["html"]).read_text()
+    assert res["kind"] == "seq2seq" and "translation (encoder-decoder)" in md and not res["notes"]
+    assert_figures_in_md(md, run)
+    assert_self_contained(page)
+    last = json.loads((run / "summary.json").read_text())["val"]
+    assert f"**val_bleu** {last['val_bleu']:.4g}" in md and f"**val_chrf** {last['val_chrf']:.4g}" in md
+    evals = [r for r in metrics(run) if "val_bleu" in r]
+    assert len(evals) == 2 and "metrics.png" in {Path(f).name for f in res["figures"]}  # BLEU by step
+    # the example: the first val source, its reference, the model's translation and the
+    # cross-attention recorded while writing it (the same maps pair_attention gives)
+    loaded = zenlm.load(str(run))
+    pairs = PairShards(collect(run).config["data"]["path"])
+    source, reference = (loaded.tokenizer.decode(pairs.sentence("val", side, 0), skip_special_tokens=True).strip()
+                         for side in ("src", "tgt"))
+    section = md.split("## Attention and attribution", 1)[1].split("\n## ", 1)[0]
+    assert repr(source) in section and f"| reference | {reference} |" in section
+    pair = pair_attention(loaded.model, loaded.tokenizer, source, layers=[1], heads=[0, 1])
+    assert f"| the model's translation (greedy) | {pair['target']} |" in section
+    assert pair["maps"][1].shape == (2, len(pair["queries"]), len(pair["keys"]))
+    assert "cross-attention of decoder layer 1" in section and "attention.png" in section
+    assert "Token attributions are computed for decoders and classifiers" in section
+
+
+def test_explain_attention_cli_on_an_encoder_decoder(s2s_report, tmp_path):
+    run, _ = s2s_report
+    p = run_cli("explain", "attention", "--model", run, "Three one four.", "--out", tmp_path, "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    rec = json.loads(Path(res["json"]).read_text())
+    assert res["side"] == "cross" and rec["keys"][-1] == "<|endoftext|>" and len(res["pngs"]) == 2
+    for m in rec["maps"].values():  # (heads, target tokens, source tokens), rows summing to one
+        assert [len(m), len(m[0]), len(m[0][0])] == [2, len(rec["tokens"]), len(rec["keys"])]
+        assert all(abs(sum(row) - 1) < 1e-5 for head in m for row in head)
+    bad = run_cli("explain", "--model", run, "Three one four.")
+    assert bad.returncode == 2 and "use zenlm explain attention" in bad.stderr
+    # the head view: a row of target tokens (hover picks the query), a row of source tokens
+    # shaded by that query's weights, and the target x source grid
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    browser = _browser()
+    try:
+        browser.get(Path(res["html"]).as_uri())
+        queries = browser.find_elements(By.CSS_SELECTOR, "#qtok .t")
+        assert len(queries) == len(rec["tokens"])
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#tok .t")) == len(rec["keys"])
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#grid td")) == len(rec["tokens"]) * len(rec["keys"])
+        ActionChains(browser).move_to_element(queries[1]).perform()
+        assert "sel" in browser.find_elements(By.CSS_SELECTOR, "#qtok .t")[1].get_attribute("class")
+        shown = [float(k.get_attribute("title").split()[-1]) for k in browser.find_elements(By.CSS_SELECTOR, "#tok .t")]
+        first = rec["maps"][str(min(map(int, rec["maps"])))][0][1]  # first layer, head 0, query 1
+        assert shown == pytest.approx(first, abs=1e-4)
+        logs = browser.get_log("browser")
+        assert [e for e in logs if e["level"] in ("SEVERE", "WARNING")] == [], logs
+    finally:
+        browser.quit()
+
+
 def test_report_without_a_model_says_what_is_missing(cls_run, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(cls_run, bare, ignore=shutil.ignore_patterns("report"))
@@ -266,12 +347,12 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
-def test_reports_render_in_headless_chromium(pre_report, cls_report, tmp_path):
+def test_reports_render_in_headless_chromium(pre_report, cls_report, s2s_report, tmp_path):
     import numpy as np
     from matplotlib.image import imread
     from selenium.webdriver.common.by import By
 
-    pages = [pre_report[1], cls_report]
+    pages = [pre_report[1], cls_report, s2s_report[1]]
     browser = _browser()
     try:
         for res in pages:

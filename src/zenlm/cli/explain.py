@@ -6,6 +6,8 @@
   its most likely next token); a coloured HTML page and JSON in ``--out``.
 - ``zenlm explain attention --model M "text" --out DIR``: attention maps recorded beside the
   fused kernel: a PNG of heat maps per layer, an interactive ``head_view.html``, the maps as JSON.
+  For an encoder-decoder the text is the source, and ``--side`` (cross by default, encoder,
+  decoder) is shown over ``--target`` or the model's own translation.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def _options(p, later: bool = False) -> None:
     g = p.add_argument_group("attention")
     g.add_argument("--layers", help="layers to capture, e.g. 0,1,-1 (default: all)", **kw)
     g.add_argument("--heads", help="heads to capture, e.g. 0,3 (default: all)", **kw)
+    g.add_argument("--side", choices=("cross", "encoder", "decoder"),
+                   help="encoder-decoder: which attention (default: cross, target over source)",
+                   **(kw or {"default": "cross"}))
+    g.add_argument("--target", help="encoder-decoder: the target text (default: the model's translation)", **kw)
     g = p.add_argument_group("attributions")
     g.add_argument("--method", help="any of ig, gxi, rollout (default: all)",
                    **(kw or {"default": "ig,gxi,rollout"}))
@@ -99,13 +105,23 @@ def run(args) -> int:
             raise ConfigError("zenlm explain attention needs --out DIR")
         try:
             res = write_attention(loaded.model, loaded.tokenizer, text, args.out,
-                                  _ints(args.layers, "layers"), _ints(args.heads, "heads"))
+                                  _ints(args.layers, "layers"), _ints(args.heads, "heads"),
+                                  side=args.side, target=args.target)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        print(json.dumps(res) if args.json else
-              f"{len(res['tokens'])} tokens, layers {res['layers']}: {len(res['pngs'])} PNGs, "
+        if args.json:
+            print(json.dumps(res))
+            return 0
+        if "side" in res:
+            print(f"{res['side']} attention over the target {res['target']!r}")
+        print(f"{len(res['tokens'])} tokens, layers {res['layers']}: {len(res['pngs'])} PNGs, "
               f"{res['html']}, {res['json']}")
         return 0
+    from zenlm.explain.attention import is_seq2seq
+
+    if is_seq2seq(loaded.model):
+        raise ConfigError("token attributions are for decoders and classifiers; for an encoder-decoder "
+                          "use zenlm explain attention (its cross-attention over the source)")
     from zenlm.explain.attribution import explain, label_target, lm_target, to_html
     from zenlm.io import atomic_write_text
 

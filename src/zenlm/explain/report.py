@@ -138,9 +138,19 @@ def classify_val(info: RunInfo, loaded) -> tuple[list[list[int]], list[str], str
 
 def example_text(info: RunInfo, tokenizer) -> tuple[str, str | None]:
     """A text from the run's own data, so the examples show what the model was trained on, and
-    for a chat run the reference reply (attributed as a continuation of the templated prompt)."""
+    for a chat run the reference reply (attributed as a continuation of the templated prompt),
+    for a translation run the reference translation of the source."""
     d = info.config.get("data") or {}
     try:
+        if info.kind == "seq2seq":
+            from zenlm.data.pairs import PairShards
+
+            pairs = PairShards(d["path"])
+            split = "val" if pairs.n_pairs("val") else "train"
+            src, tgt = (tokenizer.decode(pairs.sentence(split, side, 0), skip_special_tokens=True).strip()
+                        for side in ("src", "tgt"))
+            if src:
+                return src, tgt or None
         if info.kind == "classify" and (info.run / "val.jsonl").is_file():
             first = (info.run / "val.jsonl").read_text(encoding="utf-8").splitlines()[0]
             return str(json.loads(first)[d.get("text_col", "text")]), None
@@ -174,13 +184,15 @@ def examples(info: RunInfo, loaded, text: str | None, files: Path) -> dict:
     """One attention heat map (last layer, first two heads) and one attribution of ``text``:
     the label the classifier predicts, a chat run's reference reply, or the language model's
     next token."""
-    from zenlm.explain.attention import plot_layer, text_attention
+    from zenlm.explain.attention import is_seq2seq, plot_layer, text_attention
     from zenlm.explain.attribution import explain, label_target, lm_target
 
     model, tok = loaded.model, loaded.tokenizer
     if tok is None:
         raise ValueError("the run's model has no tokenizer")
     text, reply = (text, None) if text else example_text(info, tok)
+    if is_seq2seq(model):
+        return translation_example(model, tok, text, reply, files)
     ids = tok.encode(text)
     if reply is None and len(ids) > EXAMPLE_TOKENS:
         text = tok.decode(ids[:EXAMPLE_TOKENS])
@@ -194,6 +206,24 @@ def examples(info: RunInfo, loaded, text: str | None, files: Path) -> dict:
         lm_target(tok, text, reply, model=model)  # no reply: the model's own next token
     attr = explain(model, tok, target)
     return {"text": text, "attention": png, "attention_layer": got, "heads": heads, "attribution": attr}
+
+
+def translation_example(model, tok, source: str, reference: str | None, files: Path) -> dict:
+    """An encoder-decoder's example: its greedy translation of ``source`` and the last decoder
+    layer's cross-attention while writing it (where each target token looked in the source).
+    No token attribution: the attribution targets are a decoder's or a classifier's."""
+    from zenlm.explain.attention import pair_attention, plot_layer
+
+    ids = tok.encode(source)
+    if len(ids) > EXAMPLE_TOKENS:
+        source = tok.decode(ids[:EXAMPLE_TOKENS])
+    layer = model.config.n_layer - 1
+    heads = list(range(min(2, model.config.n_head)))
+    pair = pair_attention(model, tok, source, side="cross", layers=[layer], heads=heads)
+    png = plot_layer(pair["maps"][layer], pair["queries"], files / "attention.png", layer=layer,
+                     heads=heads, keys=pair["keys"], what="cross-attention layer")
+    return {"text": source, "reference": reference, "translation": pair["target"], "attention": png,
+            "attention_layer": layer, "heads": heads, "attribution": None, "side": "cross"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,6 +491,16 @@ def _examples(doc: _Doc, info: RunInfo, *, ex: dict | None, notes: dict, **_) ->
         doc.seam(notes["examples"])
         return
     attr = ex["attribution"]
+    if ex.get("side") == "cross":
+        doc.para(f"Source (from the run's data unless given): {ex['text']!r}")
+        doc.kv([("the model's translation (greedy)", ex["translation"]),
+                ("reference", ex["reference"] if ex["reference"] is not None else "–")])
+        doc.figure(ex["attention"], f"cross-attention of decoder layer {ex['attention_layer']}, heads "
+                                    f"{', '.join(map(str, ex['heads']))} (rows: the target token being "
+                                    "written, columns: source tokens)")
+        doc.para("Token attributions are computed for decoders and classifiers; for an encoder-decoder "
+                 "the cross-attention above shows which source tokens each target token read.")
+        return
     doc.para(f"Text (from the run's data unless given): {ex['text']!r}")
     doc.figure(ex["attention"], f"attention of layer {ex['attention_layer']}, heads "
                                 f"{', '.join(map(str, ex['heads']))} (rows: queries, columns: keys)")

@@ -8,7 +8,10 @@ computes ``softmax(q k^T / sqrt(d) + mask)`` beside the fused call. SDPA still c
 output, so outputs are unchanged; layers not chosen do nothing but one attribute check.
 
 The recorder needs nothing but q, k and the mask, so any attention that calls the hook (a
-bidirectional encoder, cross-attention with its own keys) is captured the same way.
+bidirectional encoder, cross-attention with its own keys) is captured the same way. Self- and
+cross-attention are chosen apart (``cross``), so a decoder block's two attentions never share a
+layer number: layer ``i`` is block ``i``'s self-attention, or with ``cross=True`` its
+cross-attention (rows: target positions, columns: source positions).
 """
 
 from __future__ import annotations
@@ -57,12 +60,13 @@ class AttentionCapture:
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[int] | None = None,
-                 heads: Iterable[int] | None = None):
+                 heads: Iterable[int] | None = None, cross: bool = False):
         from zenlm.model.attention import Attention
 
-        found = [m for m in model.modules() if isinstance(m, Attention)]
+        found = [m for m in model.modules() if isinstance(m, Attention) and m.cross == cross]
         if not found:
-            raise ValueError("this model has no zenlm Attention layers to capture")
+            kind = "cross-attention" if cross else "self-attention"
+            raise ValueError(f"this model has no zenlm {kind} layers to capture")
         chosen = None
         if layers is not None:
             layers = [int(i) for i in layers]
@@ -110,11 +114,12 @@ class AttentionCapture:
 
 
 def capture_attention(model: nn.Module, layers: Iterable[int] | None = None,
-                      heads: Iterable[int] | None = None) -> AttentionCapture:
+                      heads: Iterable[int] | None = None, cross: bool = False) -> AttentionCapture:
     """Start recording the attention of ``layers`` (all by default; negative counts from the
-    top) and ``heads`` (all by default) of ``model``; use as ``with capture_attention(m) as c:``
-    or keep the handle and call ``remove()``."""
-    return AttentionCapture(model, layers, heads)
+    top) and ``heads`` (all by default) of ``model``: its self-attention, or with ``cross`` its
+    cross-attention; use as ``with capture_attention(m) as c:`` or keep the handle and call
+    ``remove()``."""
+    return AttentionCapture(model, layers, heads, cross)
 
 
 __all__ = ["attention_weights", "AttentionCapture", "capture_attention"]

@@ -29,6 +29,9 @@ from zenlm.model.kv_cache import KVCache
 from zenlm.model.transformer import Transformer, _skip_init
 
 
+SIDES = ("encoder", "decoder", "cross")
+
+
 def side_configs(config: TransformerConfig) -> tuple[TransformerConfig, TransformerConfig]:
     """(encoder, decoder) configs of an encoder-decoder ``config``."""
     enc = dataclasses.replace(config, n_layer=config.encoder_layers, encoder_layers=0, causal=False,
@@ -73,6 +76,18 @@ class Seq2Seq(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def capture_attention(self, side: str = "cross", layers=None, heads=None):
+        """Record one side's attention maps beside SDPA (see :mod:`zenlm.model.capture`):
+        ``"encoder"`` (source over source), ``"decoder"`` (target over target prefix) or
+        ``"cross"`` (target over source). One side per handle, so layer numbers stay block
+        numbers; open several handles to record several sides of one call."""
+        from zenlm.model.capture import capture_attention
+
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {', '.join(SIDES)}, got {side!r}")
+        stack = self.encoder if side == "encoder" else self.decoder
+        return capture_attention(stack, layers, heads, cross=side == "cross")
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         return self.decoder.new_cache(batch, max_len)

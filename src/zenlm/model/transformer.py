@@ -149,12 +149,12 @@ class Transformer(nn.Module):
             block.mlp.fuse_projections()
         return self
 
-    def capture_attention(self, layers=None, heads=None):
+    def capture_attention(self, layers=None, heads=None, cross: bool = False):
         """Record the attention maps of ``layers``/``heads`` while SDPA stays fused (a context
-        manager; see :mod:`zenlm.model.capture`)."""
+        manager; see :mod:`zenlm.model.capture`); ``cross``: the blocks' cross-attention."""
         from zenlm.model.capture import capture_attention
 
-        return capture_attention(self, layers, heads)
+        return capture_attention(self, layers, heads, cross)
 
     # ------------------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
