@@ -242,6 +242,9 @@ def main() -> int:
         result["latency"] = lat
         big.close()
 
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)  # the 100k index is some 170 MB
     out = Path(args.out)
     from zenlm.io import atomic_write_json
 

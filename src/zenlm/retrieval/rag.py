@@ -9,21 +9,26 @@ The steps, each one a guard against a way small models go wrong:
    invents an answer from it.
 2. The model reads little: the ``sentences`` sentences of the first ``context_chunks`` chunks
    most like the question (the index's embedder's cosine, plus the share of the question's
-   words they hold), kept in their chunk's order under the chunk's number. A 135M model loses
-   the thread in three whole paragraphs; in two or three sentences that hold the answer it
-   mostly copies the right words.
-3. It is asked for a short answer copied from the context, decoded greedily and briefly; the
-   first line is the answer.
+   words they hold), best first, each under its chunk's number. A 135M model loses the thread
+   in three whole paragraphs; given two sentences that hold the answer it mostly copies the
+   right words.
+3. It is asked for one short sentence copying the context, after one worked example of that
+   (``EXAMPLE``), decoded greedily and briefly; the first line is the answer.
 4. The citation is the checker's, verified by string overlap, not left to the model (small
    models rarely write ``[n]``, and cite the wrong number when they do): the answer cites the
    best-ranked retrieved chunk that contains it verbatim, else the one holding most of its
    words. A number the model wrote itself is kept only if its chunk passes the same check
    (numbers naming no retrieved chunk are listed in ``invalid``). ``attributed`` says the
    citation is the checker's; an answer no chunk supports is flagged ``unsupported``.
-5. The answer comes with ``quote``: the sentence of the cited chunk that holds the answer's
-   words (the question's breaking ties), the chunk's text verbatim, kept apart from ``text``
-   and rendered as ``Source [n]: "..."``: the evidence, and what to read where the model's
-   few words are wrong.
+5. The answer comes with ``quote``: the cited chunk's sentence most like the question (the
+   best sentence the model read, when it came from that chunk; else the one sharing most of
+   the question's words), the chunk's text verbatim, kept apart from ``text`` and rendered as
+   ``Source [n]: "..."``: the evidence, and what to read where the model's few words are
+   wrong (a wrong answer's words must not choose the evidence shown for it).
+6. An answer no retrieved chunk supports (a made-up date, a repeated instruction) is not
+   shown as the answer: the best sentence the model read takes its place, cited, and
+   ``fallback`` says so (``model_text`` keeps what the model wrote). Every answer that found
+   something thus carries a citation that holds its words.
 """
 
 from __future__ import annotations
@@ -34,8 +39,14 @@ from dataclasses import dataclass, field
 from zenlm.retrieval.index import STOPWORDS, Hit
 
 NOTHING_FOUND = "I found nothing relevant to this question in the index."
-SYSTEM = ("You answer questions from the context you are given. Reply with only the answer: "
-          "a few words copied from the context.")
+SYSTEM = ("You answer questions from the context you are given. Reply with one short sentence "
+          "that copies the words of the context.")
+# One worked exchange shown before the question (made up, about nothing an index holds): a
+# small model imitates a demonstration far better than it follows an instruction.
+EXAMPLE = ([(1, "The bridge over the Tamar was opened in 1859 and carries the railway into Cornwall."),
+            (2, "Its engineer was Isambard Kingdom Brunel.")],
+           "When was the bridge over the Tamar opened?",
+           "The bridge over the Tamar was opened in 1859 [1].")
 _CITE = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 _WORDS = re.compile(r"[^\W_]+")
 _MODELS: dict[str, object] = {}
@@ -55,7 +66,9 @@ class Answer:
     unsupported: bool = False
     raw: str = ""  # the model's text before the checks
     quote: str = ""  # the supporting sentence of the first cited chunk (its text, verbatim)
-    context: list[tuple[int, list[str]]] = field(default_factory=list)  # what the model read
+    context: list[tuple[int, str]] = field(default_factory=list)  # what the model read, best first
+    model_text: str = ""  # the model's answer, cleaned, before any citation or fallback
+    fallback: bool = False  # the model's answer was unsupported: a source sentence stands in
 
     @property
     def plain(self) -> str:
@@ -67,7 +80,7 @@ class Answer:
 
     def render(self) -> str:
         lines = [self.text]
-        if self.quote:
+        if self.quote and self.quote != self.plain:
             lines.append(f'Source [{next(iter(self.citations))}]: "{self.quote}"')
         if self.citations:
             lines.append("")
@@ -81,7 +94,8 @@ class Answer:
                 "sources": {str(n): s for n, s in self.sources().items()},
                 "invalid_citations": self.invalid, "attributed": self.attributed,
                 "unsupported": self.unsupported, "raw": self.raw, "quote": self.quote,
-                "context": {str(n): xs for n, xs in self.context},
+                "context": [{"source": n, "sentence": x} for n, x in self.context],
+                "model_answer": self.model_text, "fallback": self.fallback,
                 "retrieved": [h.to_json() for h in self.hits]}
 
 
@@ -113,37 +127,35 @@ def sentences_of(text: str) -> list[str]:
 
 
 def select_context(question: str, hits: list[Hit], embedder=None, *, chunks: int = 2,
-                   sentences: int = 3) -> list[tuple[int, list[str]]]:
-    """``(n, sentences)`` per chunk for the prompt: the ``sentences`` best sentences of the first
-    ``chunks`` hits, each chunk's in their own order. A sentence scores its cosine to the
-    question (with ``embedder``) plus the share of the question's words it holds: the cosine
-    finds paraphrase, the words the names and numbers a question repeats."""
+                   sentences: int = 2) -> list[tuple[int, str]]:
+    """``(n, sentence)`` for the prompt: the ``sentences`` best sentences of the first ``chunks``
+    hits, best first (a small model leans on what it reads first). A sentence scores its cosine
+    to the question (with ``embedder``) plus the share of the question's words it holds: the
+    cosine finds paraphrase, the words the names and numbers a question repeats."""
     from zenlm.retrieval.embedder import as_unit_rows
 
-    pool = [(n, i, x) for n, h in enumerate(hits[:chunks], start=1) for i, x in enumerate(sentences_of(h.text))]
+    pool = [(n, x) for n, h in enumerate(hits[:chunks], start=1) for x in sentences_of(h.text)]
     if not pool:
         return []
     words = list(dict.fromkeys(_content_words(question)))
-    score = [_coverage(words, x) for _, _, x in pool]
+    score = [_coverage(words, x) for _, x in pool]
     if embedder is not None:
-        texts = [question] + [x for _, _, x in pool]
+        texts = [question] + [x for _, x in pool]
         v = as_unit_rows(embedder.encode(texts), len(texts), int(embedder.dim))
         score = [s + float(c) for s, c in zip(score, v[1:] @ v[0])]
-    best = sorted(range(len(pool)), key=lambda j: -score[j])[:sentences]
-    out: dict[int, list[tuple[int, str]]] = {}
-    for j in best:
-        n, i, x = pool[j]
-        out.setdefault(n, []).append((i, x))
-    return [(n, [x for _, x in sorted(out[n])]) for n in sorted(out)]
+    return [pool[j] for j in sorted(range(len(pool)), key=lambda j: -score[j])[:sentences]]
 
 
-def build_messages(question: str, context: list[tuple[int, list[str]]]) -> list[dict]:
-    """The chosen sentences by chunk number only (file names and line numbers are noise a small
-    model copies into its answer); the citation is attached after, by overlap."""
-    lines = "\n".join(f"[{n}] {' '.join(xs)}" for n, xs in context)
-    user = (f"Context:\n{lines}\n\nQuestion: {question}\n"
-            f"Answer with a few words copied from the context.")
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+def build_messages(question: str, context: list[tuple[int, str]]) -> list[dict]:
+    """The chosen sentences under their chunk's number only (file names and line numbers are
+    noise a small model copies into its answer); the citation is attached after, by overlap."""
+    def turn(context, question):
+        lines = "\n".join(f"[{n}] {x}" for n, x in context)
+        return {"role": "user", "content": f"Context:\n{lines}\n\nQuestion: {question}\n"
+                                           f"Answer in one short sentence, copying the words of the context."}
+
+    return [{"role": "system", "content": SYSTEM}, turn(*EXAMPLE[:2]),
+            {"role": "assistant", "content": EXAMPLE[2]}, turn(context, question)]
 
 
 def clean_answer(raw: str) -> str:
@@ -204,13 +216,13 @@ def check_citations(raw: str, hits: list[Hit], min_support: float = 0.5) -> tupl
 
 
 def supporting_quote(question: str, answer: str, chunk: str) -> str:
-    """The sentence of ``chunk`` that holds the answer (verbatim first, then by share of its
-    words), the question's words breaking ties; with no answer words, the question's best."""
+    """The sentence of ``chunk`` covering most of the question's words, the answer's breaking
+    ties (a wrong answer's words must not outvote the question's)."""
     q, a = list(dict.fromkeys(_content_words(question))), list(dict.fromkeys(_content_words(answer)))
     found = sentences_of(chunk)
     if not found or not (q or a):
         return ""
-    return max(found, key=lambda x: (supports(answer, x) == 1.0, _coverage(a, x), _coverage(q, x)))
+    return max(found, key=lambda x: (_coverage(q, x), _coverage(a, x)))
 
 
 def load_chat_model(model):
@@ -228,8 +240,8 @@ def load_chat_model(model):
 
 
 def ask(index, question: str, model="smollm2", k: int = 3, *, mode: str = "hybrid",
-        min_cosine: float = 0.3, max_new_tokens: int = 32, context_chunks: int = 2,
-        sentences: int = 3, hits: list[Hit] | None = None, generate=None) -> Answer:
+        min_cosine: float = 0.3, max_new_tokens: int = 48, context_chunks: int = 2,
+        sentences: int = 2, hits: list[Hit] | None = None, generate=None) -> Answer:
     """Answer ``question`` from the best chunks of ``index``, citing the one it comes from as ``[n]``.
 
     ``model`` is a name or path for ``zenlm.load`` (loaded once and kept) or a loaded model.
@@ -248,11 +260,19 @@ def ask(index, question: str, model="smollm2", k: int = 3, *, mode: str = "hybri
     context = select_context(question, hits, getattr(index, "embedder", None),
                              chunks=context_chunks, sentences=sentences)
     raw = (generate or _chat(model, max_new_tokens))(build_messages(question, context))
-    text, cited, invalid, attributed, unsupported = check_citations(clean_answer(raw), hits)
-    bare = _CITE.sub("", text).strip()
-    quote = supporting_quote(question, bare, next(iter(cited.values())).text) if cited else ""
+    model_text = clean_answer(raw)
+    text, cited, invalid, attributed, unsupported = check_citations(model_text, hits)
+    fallback = unsupported and bool(context)
+    if fallback:  # the sentence the model read that is most like the question, cited
+        n, best = context[0]
+        text, cited, attributed = f"{best} [{n}]", {n: hits[n - 1]}, True
+    quote = ""
+    if cited:  # the best sentence read, when it is the cited chunk's; else the chunk's own best
+        first = next(iter(cited))
+        quote = next((x for n, x in context[:1] if n == first), "") or supporting_quote(
+            question, _CITE.sub("", text).strip(), cited[first].text)
     return Answer(question, text, hits, True, cited, invalid, attributed, unsupported, raw, quote,
-                  context)
+                  context, model_text, fallback)
 
 
 def _chat(model, max_new_tokens: int):
@@ -262,7 +282,8 @@ def _chat(model, max_new_tokens: int):
 
         loaded = load_chat_model(model)
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-        session = ChatSession(loaded.model, loaded.tokenizer, cfg, system=messages[0]["content"])
-        return "".join(session.reply(messages[1]["content"])).strip()
+        session = ChatSession(loaded.model, loaded.tokenizer, cfg, system=messages[0]["content"],
+                              messages=list(messages[1:-1]))
+        return "".join(session.reply(messages[-1]["content"])).strip()
 
     return run
