@@ -47,8 +47,9 @@ def main() -> int:
     ap.add_argument("--sample", type=int, help="N questions drawn at random (with --seed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--context-chunks", type=int, default=2)
-    ap.add_argument("--sentences", type=int, default=2)
+    ap.add_argument("--sentences", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--repetition-penalty", type=float, default=0.8)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared CPU two threads decode several times slower)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rag_xquad.json"))
@@ -76,7 +77,8 @@ def main() -> int:
     records, t0 = [], time.perf_counter()
     for n, (q, gold_file, golds) in enumerate(questions, start=1):
         a = ask(idx, q, args.model, k=args.k, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                context_chunks=args.context_chunks, sentences=args.sentences)
+                context_chunks=args.context_chunks, sentences=args.sentences,
+                repetition_penalty=args.repetition_penalty)
         first = next(iter(a.citations.values()), None)
 
         def has(text, golds=golds):
@@ -108,7 +110,8 @@ def main() -> int:
 
     result = {"model": args.model, "embedder": idx.embedder.name, "k": args.k, "mode": args.mode,
               "context_chunks": args.context_chunks, "sentences": args.sentences,
-              "max_new_tokens": args.max_new_tokens, "questions": m,
+              "max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty,
+              "questions": m,
               "sample": {"n": args.sample, "seed": args.seed} if args.sample else None, "threads": torch.get_num_threads(), "seconds_per_question": secs / m,
               "valid_citation": share("valid_citation"), "model_cited": share("model_cited"),
               "attributed": share("attributed"), "unsupported": share("unsupported"),

@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     add_model_arg(p, required=False, default="smollm2",
                   help="the chat model that answers: 'smollm2' (default), a run or HF folder, .gguf")
     p.add_argument("-k", type=int, default=3, help="how many chunks are retrieved (default 3)")
-    p.add_argument("--sentences", type=int, default=2,
+    p.add_argument("--sentences", type=int, default=1,
                    help="how many of their sentences (the most like the question) the model reads")
     p.add_argument("--mode", choices=["hybrid", "dense", "bm25"], default="hybrid")
     p.add_argument("--min-cosine", type=float, default=0.3,

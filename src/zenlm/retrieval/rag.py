@@ -7,13 +7,15 @@ The steps, each one a guard against a way small models go wrong:
    ``min_cosine`` and no chunk shares most of the question's words) the answer says plainly
    that nothing relevant was found and the model is not called: a model given unrelated text
    invents an answer from it.
-2. The model reads little: the ``sentences`` sentences of the first ``context_chunks`` chunks
-   most like the question (the index's embedder's cosine, plus the share of the question's
-   words they hold), best first, each under its chunk's number. A 135M model loses the thread
-   in three whole paragraphs; given two sentences that hold the answer it mostly copies the
-   right words.
+2. The model reads little: the ``sentences`` (default 1) sentences of the first
+   ``context_chunks`` chunks most like the question (the index's embedder's cosine, plus the
+   share of the question's words they hold), best first, each under its chunk's number. A 135M
+   model loses the thread in three whole paragraphs, and even between two sentences it often
+   picks the wrong one; the selection is right more often than the model is.
 3. It is asked for one short sentence copying the context, after one worked example of that
-   (``EXAMPLE``), decoded greedily and briefly; the first line is the answer.
+   (``EXAMPLE``), decoded greedily and briefly with a repetition penalty below 1 (0.8), which
+   favours the prompt's tokens: it copies the context's words where it would paraphrase them
+   into wrong ones. The first line is the answer.
 4. The citation is the checker's, verified by string overlap, not left to the model (small
    models rarely write ``[n]``, and cite the wrong number when they do): the answer cites the
    best-ranked retrieved chunk that contains it verbatim, else the one holding most of its
@@ -127,7 +129,7 @@ def sentences_of(text: str) -> list[str]:
 
 
 def select_context(question: str, hits: list[Hit], embedder=None, *, chunks: int = 2,
-                   sentences: int = 2) -> list[tuple[int, str]]:
+                   sentences: int = 1) -> list[tuple[int, str]]:
     """``(n, sentence)`` for the prompt: the ``sentences`` best sentences of the first ``chunks``
     hits, best first (a small model leans on what it reads first). A sentence scores its cosine
     to the question (with ``embedder``) plus the share of the question's words it holds: the
@@ -241,12 +243,14 @@ def load_chat_model(model):
 
 def ask(index, question: str, model="smollm2", k: int = 3, *, mode: str = "hybrid",
         min_cosine: float = 0.3, max_new_tokens: int = 48, context_chunks: int = 2,
-        sentences: int = 2, hits: list[Hit] | None = None, generate=None) -> Answer:
+        sentences: int = 1, repetition_penalty: float = 0.8, hits: list[Hit] | None = None,
+        generate=None) -> Answer:
     """Answer ``question`` from the best chunks of ``index``, citing the one it comes from as ``[n]``.
 
     ``model`` is a name or path for ``zenlm.load`` (loaded once and kept) or a loaded model.
     The model reads the ``sentences`` best sentences of the first ``context_chunks`` of ``k``
-    hits. ``hits`` skips the search (chunks already retrieved); ``generate`` replaces the model
+    hits. ``repetition_penalty`` below 1 favours the tokens of the prompt (copying the context).
+    ``hits`` skips the search (chunks already retrieved); ``generate`` replaces the model
     with a function ``messages -> text`` (another model, or a recorded answer to check).
     """
     from zenlm.errors import PromptError
@@ -259,7 +263,7 @@ def ask(index, question: str, model="smollm2", k: int = 3, *, mode: str = "hybri
         return Answer(question, NOTHING_FOUND, hits, found=False)
     context = select_context(question, hits, getattr(index, "embedder", None),
                              chunks=context_chunks, sentences=sentences)
-    raw = (generate or _chat(model, max_new_tokens))(build_messages(question, context))
+    raw = (generate or _chat(model, max_new_tokens, repetition_penalty))(build_messages(question, context))
     model_text = clean_answer(raw)
     text, cited, invalid, attributed, unsupported = check_citations(model_text, hits)
     fallback = unsupported and bool(context)
@@ -275,13 +279,14 @@ def ask(index, question: str, model="smollm2", k: int = 3, *, mode: str = "hybri
                   context, model_text, fallback)
 
 
-def _chat(model, max_new_tokens: int):
+def _chat(model, max_new_tokens: int, repetition_penalty: float = 1.0):
     def run(messages: list[dict]) -> str:
         from zenlm.infer import SamplingConfig
         from zenlm.infer.chat import ChatSession
 
         loaded = load_chat_model(model)
-        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
+                             repetition_penalty=repetition_penalty)
         session = ChatSession(loaded.model, loaded.tokenizer, cfg, system=messages[0]["content"],
                               messages=list(messages[1:-1]))
         return "".join(session.reply(messages[-1]["content"])).strip()
