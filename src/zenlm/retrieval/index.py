@@ -511,10 +511,10 @@ class Index:
             scores = self._int8_scores(q)
             wide = min(live, max(4 * n, 64))  # int8 picks candidates; fp32 rows score them
             rows = np.sort(np.argpartition(-scores, wide - 1)[:wide])  # in file order: fewer seeks
-            exact = matrix[rows] @ q
+            exact = _matvec(matrix[rows], q)
             keep = np.argsort(-exact, kind="stable")[:n]
             return [(int(self._row_ids[rows[i]]), float(exact[i])) for i in keep]
-        scores = matrix @ q
+        scores = _matvec(matrix, q)
         if len(self._dead):
             scores[self._dead] = -np.inf
         top = np.argpartition(-scores, n - 1)[:n]
@@ -563,6 +563,19 @@ class Index:
             ids)}
         return [Hit(c, *rows[c], score=s, dense=dense.get(c), bm25=bm25.get(c))
                 for c, s in ranked if c in rows]
+
+
+def _matvec(matrix: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``matrix @ q`` through torch, on the threads the search chose: numpy's BLAS keeps a
+    thread pool of its own, which contends with torch's on a shared CPU."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a read-only map: torch only reads it
+        m = torch.from_numpy(matrix)
+    return torch.mv(m, torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))).numpy()
 
 
 @contextmanager
