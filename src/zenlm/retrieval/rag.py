@@ -69,7 +69,7 @@ class Answer:
     raw: str = ""  # the model's text before the checks
     quote: str = ""  # the supporting sentence of the first cited chunk (its text, verbatim)
     context: list[tuple[int, str]] = field(default_factory=list)  # what the model read, best first
-    model_text: str = ""  # the model's answer, cleaned, before any citation or fallback
+    model_text: str = ""  # the model's answer, cleaned, without citation numbers or fallback
     fallback: bool = False  # the model's answer was unsupported: a source sentence stands in
 
     @property
@@ -275,8 +275,9 @@ def ask(index, question: str, model="smollm2", k: int = 3, *, mode: str = "hybri
         first = next(iter(cited))
         quote = next((x for n, x in context[:1] if n == first), "") or supporting_quote(
             question, _CITE.sub("", text).strip(), cited[first].text)
+    own = re.sub(r"\s+([.,;:!?])", r"\1", _CITE.sub("", model_text)).strip()  # without its numbers
     return Answer(question, text, hits, True, cited, invalid, attributed, unsupported, raw, quote,
-                  context, model_text, fallback)
+                  context, own, fallback)
 
 
 def _chat(model, max_new_tokens: int, repetition_penalty: float = 1.0):
