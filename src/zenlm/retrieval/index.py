@@ -19,8 +19,15 @@ cut off by the next writer. Removing a chunk leaves its vector row dead (masked 
 when dead rows outnumber live ones the live rows are copied into the next generation's file,
 which becomes current in one transaction. One writer at a time; readers may be many.
 
-Dense search is one matrix-vector product over the memory-mapped rows (exact, no ANN: a
-100k x 384 product is a few milliseconds, and an exact index has no recall to tune).
+Dense search is one matrix-vector product over the memory-mapped rows (exact, no ANN: an
+exact index has no recall to tune). That scan reads every float32 byte and is bound by memory
+bandwidth, so a large index (``INT8_AUTO_ROWS`` rows and up, unless ``int8`` says otherwise)
+scans an in-memory int8 copy instead, a quarter of the bytes, and rescores its best candidates
+from the float32 rows: the scores returned are exact, only the candidate pick is approximate.
+
+One query (or a handful) is searched on one thread: its products are small, and on a CPU shared
+with other work, threads waiting for each other at every layer of the query's encoder cost far
+more than they save. Batches keep the threads torch was given.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +50,8 @@ from zenlm.retrieval.embedder import Embedder, ZenlmEmbedder, as_unit_rows
 MODES = ("hybrid", "dense", "bm25")
 RRF_K = 60
 SCHEMA_VERSION = "1"
+INT8_AUTO_ROWS = 20_000  # from here up the int8 candidate scan is the default
+FEW_QUERIES = 4  # up to this many queries are searched on one thread
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -142,12 +152,14 @@ class Index:
     ``zenlm.embed`` with MiniLM for a new index. ``reranker`` (optional) reorders the top
     ``rerank_depth`` hits of every search: a callable ``(query, texts) -> scores``, an object
     with a cross-encoder's ``predict(pairs)``, or a model path (see :mod:`.rerank`).
+    ``int8``: True or False forces the int8 candidate scan on or off; None (the default) uses
+    it once the index holds ``INT8_AUTO_ROWS`` rows (its copy is built on the first search).
     """
 
     def __init__(self, path: str | os.PathLike, embedder: Embedder | None = None, *,
                  create: bool = True, reranker=None, rerank_depth: int = 20,
                  fusion_depth: int = 50, weights: tuple[float, float] = (1.0, 1.0),
-                 embed_batch: int = 256, int8: bool = False):
+                 embed_batch: int = 256, int8: bool | None = None):
         self.path = Path(path)
         db_path = self.path / "index.sqlite"
         if not db_path.is_file():
@@ -459,6 +471,11 @@ class Index:
         reranker = _as_reranker(rerank if rerank is not None else self.reranker)
         want = max(k, self.rerank_depth) if reranker else k
         depth = max(want, self.fusion_depth) if mode == "hybrid" else want
+        few = len(queries) <= FEW_QUERIES and mode != "bm25"  # bm25 alone needs no torch
+        with _threads(1 if few else None):
+            return self._search(queries, mode, k, want, depth, reranker, query_vectors)
+
+    def _search(self, queries, mode, k, want, depth, reranker, query_vectors) -> list[list[Hit]]:
         qv = None
         if mode != "bm25" and queries:
             qv = (as_unit_rows(query_vectors, len(queries), self.dim) if query_vectors is not None
@@ -490,14 +507,14 @@ class Index:
         if live == 0:
             return []
         n = min(n, live)
-        if self.int8:
+        if self.int8 or (self.int8 is None and self._rows >= INT8_AUTO_ROWS):
             scores = self._int8_scores(q)
             wide = min(live, max(4 * n, 64))  # int8 picks candidates; fp32 rows score them
             rows = np.sort(np.argpartition(-scores, wide - 1)[:wide])  # in file order: fewer seeks
-            exact = matrix[rows] @ q
+            exact = _matvec(matrix[rows], q)
             keep = np.argsort(-exact, kind="stable")[:n]
             return [(int(self._row_ids[rows[i]]), float(exact[i])) for i in keep]
-        scores = matrix @ q
+        scores = _matvec(matrix, q)
         if len(self._dead):
             scores[self._dead] = -np.inf
         top = np.argpartition(-scores, n - 1)[:n]
@@ -511,9 +528,14 @@ class Index:
         import torch
 
         if self._int8 is None:
-            w = torch.from_numpy(np.array(self._matrix()))  # a copy: the map is read-only
-            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-            qw = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            matrix = self._matrix()
+            qw = torch.empty(matrix.shape, dtype=torch.int8)
+            scale = torch.empty(len(matrix))
+            for i in range(0, len(matrix), 16384):  # in blocks: no float copy of the whole file
+                w = torch.from_numpy(np.array(matrix[i:i + 16384]))  # a copy: the map is read-only
+                s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+                qw[i:i + len(w)] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+                scale[i:i + len(w)] = s
             self._int8 = (qw, scale.to(torch.bfloat16))
         qw, scale = self._int8
         x = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))[None].to(torch.bfloat16)
@@ -541,6 +563,38 @@ class Index:
             ids)}
         return [Hit(c, *rows[c], score=s, dense=dense.get(c), bm25=bm25.get(c))
                 for c, s in ranked if c in rows]
+
+
+def _matvec(matrix: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``matrix @ q`` through torch, on the threads the search chose: numpy's BLAS keeps a
+    thread pool of its own, which contends with torch's on a shared CPU."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a read-only map: torch only reads it
+        m = torch.from_numpy(matrix)
+    return torch.mv(m, torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))).numpy()
+
+
+@contextmanager
+def _threads(n: int | None):
+    """torch on ``n`` threads inside the block (None: unchanged), restored after."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    if old == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _as_reranker(rerank) -> Callable[[str, list[str]], Sequence[float]] | None:
