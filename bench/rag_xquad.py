@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--sentences", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--repetition-penalty", type=float, default=0.8)
+    ap.add_argument("--free", action="store_true", help="let the model write freely (default: its answer is held to spans of what it read)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared CPU two threads decode several times slower)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rag_xquad.json"))
@@ -76,7 +77,7 @@ def main() -> int:
     load_chat_model(args.model)
     records, t0 = [], time.perf_counter()
     for n, (q, gold_file, golds) in enumerate(questions, start=1):
-        a = ask(idx, q, args.model, k=args.k, mode=args.mode, max_new_tokens=args.max_new_tokens,
+        a = ask(idx, q, args.model, k=args.k, copy=not args.free, mode=args.mode, max_new_tokens=args.max_new_tokens,
                 context_chunks=args.context_chunks, sentences=args.sentences,
                 repetition_penalty=args.repetition_penalty)
         first = next(iter(a.citations.values()), None)

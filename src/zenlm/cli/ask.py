@@ -23,6 +23,8 @@ def add_parser(sub) -> None:
                    help="below this best dense cosine (and with no chunk sharing most of the "
                         "question's words) the answer is that nothing was found")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--free", action="store_true",
+                   help="let the model word its answer freely (default: it copies a span of the sentences it read)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -34,6 +36,6 @@ def run(args) -> int:
     with Index(args.index, create=False) as idx:
         answer = ask(idx, args.question, args.model, k=args.k, mode=args.mode,
                      min_cosine=args.min_cosine, max_new_tokens=args.max_new_tokens,
-                     sentences=args.sentences)
+                     sentences=args.sentences, copy=not args.free)
     print(json.dumps(answer.to_json(), ensure_ascii=False) if args.json else answer.render())
     return 0

@@ -154,9 +154,13 @@ def token_steps(model, rows: list[list[int]], cfg: SamplingConfig) -> Iterator[t
     seen = None
     if cfg.repetition_penalty != 1.0:  # left-padded with each row's first token: harmless here
         seen = torch.tensor([[r[0]] * (longest - len(r)) + r for r in rows], device=device)
+    made = [[] for _ in rows] if cfg.allowed is not None else None
     for step in range(budget):
-        nxt = sample_next(logits, cfg, seen, gen)
+        nxt = sample_next(logits, cfg, seen, gen, made)
         yield nxt
+        if made is not None:
+            for r, t in zip(made, nxt.tolist()):
+                r.append(t)
         if step == budget - 1:
             break
         if seen is not None:

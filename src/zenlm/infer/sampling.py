@@ -5,6 +5,7 @@ Works on a batch of rows (B, V) so the batched engine can share it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,9 @@ class SamplingConfig:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     stop_at_eot: bool = True
+    # constrained decoding: given one row's tokens generated so far, the ids it may take next
+    # (None: any). Retrieval uses it to make a reply copy a span of its context.
+    allowed: Callable[[list[int]], Sequence[int] | None] | None = None
 
     def __post_init__(self) -> None:
         self.stop = [s for s in self.stop if s]  # an empty stop string would match at once
@@ -60,10 +64,25 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | N
     return logits
 
 
+def restrict(logits: torch.Tensor, allowed, made: list[list[int]]) -> torch.Tensor:
+    """``logits`` with every token a row's ``allowed(made[row])`` leaves out set to -inf."""
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    for b, ids in enumerate(made):
+        ok = allowed(ids)
+        if ok is None:
+            keep[b] = True
+        else:
+            keep[b, list(ok)] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V)."""
+                generator: torch.Generator | None = None, made: list[list[int]] | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V); ``made`` (each row's generated
+    ids) is needed only under ``cfg.allowed``."""
     logits = logits.float()
+    if cfg.allowed is not None and made is not None:
+        logits = restrict(logits, cfg.allowed, made)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.temperature == 0:

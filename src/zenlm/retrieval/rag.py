@@ -244,7 +244,7 @@ def load_chat_model(model):
 def ask(index, question: str, model="smollm2", k: int = 3, *, mode: str = "hybrid",
         min_cosine: float = 0.3, max_new_tokens: int = 48, context_chunks: int = 2,
         sentences: int = 1, repetition_penalty: float = 0.8, hits: list[Hit] | None = None,
-        generate=None) -> Answer:
+        generate=None, copy: bool = True) -> Answer:
     """Answer ``question`` from the best chunks of ``index``, citing the one it comes from as ``[n]``.
 
     ``model`` is a name or path for ``zenlm.load`` (loaded once and kept) or a loaded model.
@@ -252,6 +252,7 @@ def ask(index, question: str, model="smollm2", k: int = 3, *, mode: str = "hybri
     hits. ``repetition_penalty`` below 1 favours the tokens of the prompt (copying the context).
     ``hits`` skips the search (chunks already retrieved); ``generate`` replaces the model
     with a function ``messages -> text`` (another model, or a recorded answer to check).
+    ``copy`` holds the reply to a span of the sentences read (:func:`copy_constraint`).
     """
     from zenlm.errors import PromptError
 
@@ -263,7 +264,8 @@ def ask(index, question: str, model="smollm2", k: int = 3, *, mode: str = "hybri
         return Answer(question, NOTHING_FOUND, hits, found=False)
     context = select_context(question, hits, getattr(index, "embedder", None),
                              chunks=context_chunks, sentences=sentences)
-    raw = (generate or _chat(model, max_new_tokens, repetition_penalty))(build_messages(question, context))
+    copying = [x for _, x in context] if copy else None
+    raw = (generate or _chat(model, max_new_tokens, repetition_penalty, copying))(build_messages(question, context))
     model_text = clean_answer(raw)
     text, cited, invalid, attributed, unsupported = check_citations(model_text, hits)
     fallback = unsupported and bool(context)
@@ -280,14 +282,40 @@ def ask(index, question: str, model="smollm2", k: int = 3, *, mode: str = "hybri
                   context, own, fallback)
 
 
-def _chat(model, max_new_tokens: int, repetition_penalty: float = 1.0):
+def copy_constraint(sources: list[tuple[list[int], set[int]]], ends: set[int]):
+    """``SamplingConfig.allowed`` for a reply that is one contiguous run of tokens of one of
+    ``sources`` (ids, and the positions where a word starts), then one of ``ends``. A small
+    model asked to copy an answer still paraphrases or drifts; held to spans of the text it
+    read it can only choose where to start and stop, which is the part it gets right."""
+    def allowed(made: list[int]) -> set[int]:
+        n, nxt = len(made), set()
+        for src, starts in sources:
+            for i in range(len(src) - n):
+                if src[i:i + n] == made and (n or i in starts):
+                    nxt.add(src[i + n])
+        return (nxt | ends) if n else (nxt or ends)
+
+    return allowed
+
+
+def _chat(model, max_new_tokens: int, repetition_penalty: float = 1.0, copy: list[str] | None = None):
     def run(messages: list[dict]) -> str:
         from zenlm.infer import SamplingConfig
-        from zenlm.infer.chat import ChatSession
+        from zenlm.infer.chat import ChatSession, end_of_turn
 
         loaded = load_chat_model(model)
+        allowed = None
+        if copy:
+            tok = loaded.tokenizer
+            eot = end_of_turn(tok)
+            ends = {i for i in (tok.eot_id, tok.hf.token_to_id(eot) if eot else None) if i is not None}
+            sources = []
+            for ids in (tok.encode(p + x) for x in copy for p in ("", " ")):
+                starts = {i for i, t in enumerate(ids) if i == 0 or tok.decode([t])[:1].isspace()}
+                sources.append((ids, starts))
+            allowed = copy_constraint(sources, ends)
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                             repetition_penalty=repetition_penalty)
+                             repetition_penalty=repetition_penalty, allowed=allowed)
         session = ChatSession(loaded.model, loaded.tokenizer, cfg, system=messages[0]["content"],
                               messages=list(messages[1:-1]))
         return "".join(session.reply(messages[-1]["content"])).strip()
