@@ -1,0 +1,347 @@
+// One decoding step of a pre-norm Llama-shape decoder at batch 1, in one native call.
+//
+// Why: decoding a token through torch is about a thousand small ops, each paying dispatch
+// overhead comparable to its work, and torch's GEMVs stream weights well below the memory's
+// read rate. Here every layer runs as plain loops over the model's own weight tensors (no
+// copies: fp32 rows, or int8 rows with one fp32 scale each), so a step costs what reading the
+// weights costs. AVX2 + FMA only: the loader builds this where the CPU reports both.
+//
+// Layout, matching zenlm.model exactly: fused q/k/v rows (q, then k, then v), fused gate/up
+// rows (gate, then up), RoPE in the "rotate half" layout with the model's own cos and signed
+// sin tables, KV cache tensors (1, kv_heads, capacity, head_dim) written at ``pos``.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using Opt = std::optional<torch::Tensor>;
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+inline float dot(const float* a, const float* b, int64_t k) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+  }
+  for (; j + 8 <= k; j += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+  float s = hsum(_mm256_add_ps(s0, s1));
+  for (; j < k; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// y[i] += a * x[i]
+inline void axpy(float a, const float* x, float* y, int64_t k) {
+  __m256 av = _mm256_set1_ps(a);
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+  for (; j < k; ++j) y[j] += a * x[j];
+}
+
+// eight int8 weights widened to fp32
+inline __m256 widen8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// A weight matrix (n, k) as the model holds it: fp32 rows, or int8 rows times scale[row].
+struct Mat {
+  torch::Tensor keep_w, keep_s, keep_b;  // owners of the pointers below
+  const float* wf = nullptr;
+  const int8_t* wq = nullptr;
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+  int64_t n = 0, k = 0;
+
+  // Rows [r0, r1) of y = W x (+ bias). Four consecutive rows at a time: one contiguous stream
+  // of memory and four independent accumulators, x read once for all four.
+  void rows_f32(const float* x, float* y, int64_t r0, int64_t r1) const {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+      const float* w0 = wf + r * k;
+      const float *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t j = 0;
+      for (; j + 8 <= k; j += 8) {
+        __m256 xv = _mm256_loadu_ps(x + j);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), xv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), xv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j), xv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j), xv, a3);
+      }
+      float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+      for (; j < k; ++j) {
+        s0 += w0[j] * x[j]; s1 += w1[j] * x[j]; s2 += w2[j] * x[j]; s3 += w3[j] * x[j];
+      }
+      y[r] = s0; y[r + 1] = s1; y[r + 2] = s2; y[r + 3] = s3;
+    }
+    for (; r < r1; ++r) y[r] = dot(wf + r * k, x, k);
+  }
+
+  void rows_i8(const float* x, float* y, int64_t r0, int64_t r1) const {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+      const int8_t* w0 = wq + r * k;
+      const int8_t *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t j = 0;
+      for (; j + 8 <= k; j += 8) {
+        __m256 xv = _mm256_loadu_ps(x + j);
+        a0 = _mm256_fmadd_ps(widen8(w0 + j), xv, a0);
+        a1 = _mm256_fmadd_ps(widen8(w1 + j), xv, a1);
+        a2 = _mm256_fmadd_ps(widen8(w2 + j), xv, a2);
+        a3 = _mm256_fmadd_ps(widen8(w3 + j), xv, a3);
+      }
+      float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+      for (; j < k; ++j) {
+        s0 += w0[j] * x[j]; s1 += w1[j] * x[j]; s2 += w2[j] * x[j]; s3 += w3[j] * x[j];
+      }
+      y[r] = s0 * scale[r]; y[r + 1] = s1 * scale[r + 1]; y[r + 2] = s2 * scale[r + 2]; y[r + 3] = s3 * scale[r + 3];
+    }
+    for (; r < r1; ++r) {
+      const int8_t* w = wq + r * k;
+      __m256 a = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j + 8 <= k; j += 8) a = _mm256_fmadd_ps(widen8(w + j), _mm256_loadu_ps(x + j), a);
+      float s = hsum(a);
+      for (; j < k; ++j) s += w[j] * x[j];
+      y[r] = s * scale[r];
+    }
+  }
+
+  void rows(const float* x, float* y, int64_t r0, int64_t r1) const {
+    if (wq) rows_i8(x, y, r0, r1); else rows_f32(x, y, r0, r1);
+    if (bias) for (int64_t r = r0; r < r1; ++r) y[r] += bias[r];
+  }
+
+  // y = W x (+ bias), rows split over torch's threads in blocks of 4 (one block per thread
+  // call keeps the four-row kernel whole).
+  void apply(const float* x, float* y) const {
+    const int64_t blocks = (n + 3) / 4;
+    at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+      rows(x, y, b0 * 4, std::min(n, b1 * 4));
+    });
+  }
+};
+
+Mat make_mat(const torch::Tensor& w, const Opt& scale, const Opt& bias) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "weights must be contiguous 2-D CPU tensors");
+  Mat m;
+  m.keep_w = w;
+  m.n = w.size(0);
+  m.k = w.size(1);
+  if (w.scalar_type() == torch::kInt8) {
+    TORCH_CHECK(scale.has_value(), "int8 weights need their row scales");
+    TORCH_CHECK(scale->scalar_type() == torch::kFloat && scale->is_contiguous() && scale->numel() == m.n,
+                "int8 row scales must be fp32, one per row");
+    m.keep_s = *scale;
+    m.wq = w.data_ptr<int8_t>();
+    m.scale = m.keep_s.data_ptr<float>();
+  } else {
+    TORCH_CHECK(w.scalar_type() == torch::kFloat, "weights must be fp32 or int8");
+    m.wf = w.data_ptr<float>();
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == m.n,
+                "a bias must be fp32, one per row");
+    m.keep_b = *bias;
+    m.bias = m.keep_b.data_ptr<float>();
+  }
+  return m;
+}
+
+torch::Tensor checked_vec(const torch::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous() && t.numel() == n, what, " must be fp32 of ", n);
+  return t;
+}
+
+struct Layer {
+  torch::Tensor attn_norm, mlp_norm;
+  Mat qkv, o, gate_up, down;
+};
+
+class Decoder {
+ public:
+  Decoder(torch::Tensor embedding, torch::Tensor final_norm, torch::Tensor head, Opt head_scale,
+          torch::Tensor rope_cos, torch::Tensor rope_sin, int64_t n_head, int64_t n_kv_head,
+          int64_t head_dim, int64_t d_ff, double eps)
+      : nh_(n_head), nkv_(n_kv_head), hd_(head_dim), ff_(d_ff), eps_(static_cast<float>(eps)) {
+    TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == torch::kFloat && embedding.is_contiguous(),
+                "the embedding table must be contiguous fp32");
+    TORCH_CHECK(n_head % n_kv_head == 0, "n_head must be a multiple of n_kv_head");
+    TORCH_CHECK(head_dim % 2 == 0 && head_dim <= 512, "head_dim must be even and at most 512");
+    emb_ = embedding;
+    vocab_ = embedding.size(0);
+    d_ = embedding.size(1);
+    final_norm_ = checked_vec(final_norm, d_, "the final norm");
+    head_ = make_mat(head, head_scale, std::nullopt);
+    TORCH_CHECK(head_.k == d_, "the head's width must be d_model");
+    TORCH_CHECK(rope_cos.dim() == 2 && rope_cos.size(1) == hd_ && rope_cos.is_contiguous() &&
+                rope_cos.scalar_type() == torch::kFloat && rope_sin.sizes() == rope_cos.sizes() &&
+                rope_sin.is_contiguous() && rope_sin.scalar_type() == torch::kFloat,
+                "rope tables must be contiguous fp32 (max_len, head_dim)");
+    cos_ = rope_cos;
+    sin_ = rope_sin;
+    x_.resize(d_);
+    xn_.resize(d_);
+    qkv_.resize((nh_ + 2 * nkv_) * hd_);
+    att_.resize(nh_ * hd_);
+    gu_.resize(2 * ff_);
+    tmp_.resize(std::max(d_, ff_));
+  }
+
+  void add_layer(torch::Tensor attn_norm, torch::Tensor qkv, Opt qkv_scale, Opt qkv_bias,
+                 torch::Tensor o, Opt o_scale, Opt o_bias, torch::Tensor mlp_norm,
+                 torch::Tensor gate_up, Opt gate_up_scale, Opt gate_up_bias,
+                 torch::Tensor down, Opt down_scale, Opt down_bias) {
+    Layer l;
+    l.attn_norm = checked_vec(attn_norm, d_, "an attention norm");
+    l.mlp_norm = checked_vec(mlp_norm, d_, "an MLP norm");
+    l.qkv = make_mat(qkv, qkv_scale, qkv_bias);
+    l.o = make_mat(o, o_scale, o_bias);
+    l.gate_up = make_mat(gate_up, gate_up_scale, gate_up_bias);
+    l.down = make_mat(down, down_scale, down_bias);
+    TORCH_CHECK(l.qkv.n == (nh_ + 2 * nkv_) * hd_ && l.qkv.k == d_, "q/k/v shape");
+    TORCH_CHECK(l.o.n == d_ && l.o.k == nh_ * hd_, "o_proj shape");
+    TORCH_CHECK(l.gate_up.n == 2 * ff_ && l.gate_up.k == d_, "gate/up shape");
+    TORCH_CHECK(l.down.n == d_ && l.down.k == ff_, "down_proj shape");
+    layers_.push_back(std::move(l));
+  }
+
+  // Logits (1, 1, vocab) of ``token`` at position ``pos``; its keys and values are written
+  // into every layer's cache tensors at ``pos``, and attention reads positions 0..pos.
+  torch::Tensor step(int64_t token, int64_t pos, const std::vector<torch::Tensor>& keys,
+                     const std::vector<torch::Tensor>& values) {
+    std::lock_guard<std::mutex> guard(mu_);  // one step at a time: the scratch is shared
+    const int64_t L = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(static_cast<int64_t>(keys.size()) == L && static_cast<int64_t>(values.size()) == L,
+                "one key and one value tensor per layer");
+    TORCH_CHECK(token >= 0 && token < vocab_, "token id out of range");
+    TORCH_CHECK(pos >= 0 && pos < cos_.size(0), "position beyond the rope tables");
+    for (int64_t i = 0; i < L; ++i) {
+      for (const auto* t : {&keys[i], &values[i]}) {
+        TORCH_CHECK(t->scalar_type() == torch::kFloat && t->dim() == 4 && t->size(0) == 1 &&
+                    t->size(1) == nkv_ && t->size(3) == hd_ && t->size(2) > pos && t->is_contiguous(),
+                    "KV cache tensors must be contiguous fp32 (1, kv_heads, > pos, head_dim)");
+      }
+    }
+    if (static_cast<int64_t>(scores_.size()) < nh_ * (pos + 1)) scores_.resize(nh_ * (pos + 1) * 2);
+    std::memcpy(x_.data(), emb_.data_ptr<float>() + token * d_, d_ * sizeof(float));
+    const float* cos = cos_.data_ptr<float>() + pos * hd_;
+    const float* sin = sin_.data_ptr<float>() + pos * hd_;
+    for (int64_t i = 0; i < L; ++i) {
+      const Layer& l = layers_[i];
+      rmsnorm(x_.data(), l.attn_norm.data_ptr<float>(), xn_.data());
+      l.qkv.apply(xn_.data(), qkv_.data());
+      float* q = qkv_.data();
+      float* k = q + nh_ * hd_;
+      float* v = k + nkv_ * hd_;
+      for (int64_t h = 0; h < nh_; ++h) rope(q + h * hd_, cos, sin);
+      for (int64_t h = 0; h < nkv_; ++h) rope(k + h * hd_, cos, sin);
+      const int64_t cap = keys[i].size(2);
+      float* kc = keys[i].data_ptr<float>();
+      float* vc = values[i].data_ptr<float>();
+      for (int64_t h = 0; h < nkv_; ++h) {
+        std::memcpy(kc + (h * cap + pos) * hd_, k + h * hd_, hd_ * sizeof(float));
+        std::memcpy(vc + (h * cap + pos) * hd_, v + h * hd_, hd_ * sizeof(float));
+      }
+      attend(q, kc, vc, cap, pos);
+      l.o.apply(att_.data(), tmp_.data());
+      for (int64_t j = 0; j < d_; ++j) x_[j] += tmp_[j];
+      rmsnorm(x_.data(), l.mlp_norm.data_ptr<float>(), xn_.data());
+      l.gate_up.apply(xn_.data(), gu_.data());
+      for (int64_t j = 0; j < ff_; ++j) {  // SwiGLU: silu(gate) * up
+        const float g = gu_[j];
+        tmp_[j] = g / (1.0f + std::exp(-g)) * gu_[ff_ + j];
+      }
+      l.down.apply(tmp_.data(), xn_.data());
+      for (int64_t j = 0; j < d_; ++j) x_[j] += xn_[j];
+    }
+    rmsnorm(x_.data(), final_norm_.data_ptr<float>(), xn_.data());
+    torch::Tensor logits = torch::empty({1, 1, vocab_}, torch::kFloat);
+    head_.apply(xn_.data(), logits.data_ptr<float>());
+    return logits;
+  }
+
+  int64_t n_layer() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  void rmsnorm(const float* x, const float* w, float* y) const {
+    double ss = 0.0;
+    for (int64_t j = 0; j < d_; ++j) ss += static_cast<double>(x[j]) * x[j];
+    const float r = 1.0f / std::sqrt(static_cast<float>(ss / d_) + eps_);
+    for (int64_t j = 0; j < d_; ++j) y[j] = x[j] * r * w[j];
+  }
+
+  // x * cos + rotate_half(x) * sin, sin's first half already negated (the model's tables)
+  void rope(float* x, const float* cos, const float* sin) const {
+    const int64_t half = hd_ / 2;
+    float rot[512];
+    float* buf = rot;
+    for (int64_t j = 0; j < hd_; ++j) buf[j] = x[(j + half) % hd_];
+    for (int64_t j = 0; j < hd_; ++j) x[j] = x[j] * cos[j] + buf[j] * sin[j];
+  }
+
+  // One query per head over positions 0..pos of its KV head; softmax in fp32.
+  void attend(const float* q, const float* kc, const float* vc, int64_t cap, int64_t pos) {
+    const int64_t group = nh_ / nkv_;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
+    const int64_t n = pos + 1;
+    at::parallel_for(0, nh_, n * hd_ >= 4096 ? 1 : nh_ + 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h) {
+        const float* qh = q + h * hd_;
+        const float* kh = kc + (h / group) * cap * hd_;
+        const float* vh = vc + (h / group) * cap * hd_;
+        float* s = scores_.data() + h * n;
+        float m = -INFINITY;
+        for (int64_t t = 0; t < n; ++t) {
+          s[t] = dot(qh, kh + t * hd_, hd_) * scale;
+          m = std::max(m, s[t]);
+        }
+        float sum = 0.0f;
+        for (int64_t t = 0; t < n; ++t) {
+          s[t] = std::exp(s[t] - m);
+          sum += s[t];
+        }
+        float* out = att_.data() + h * hd_;
+        std::fill(out, out + hd_, 0.0f);
+        const float inv = 1.0f / sum;
+        for (int64_t t = 0; t < n; ++t) axpy(s[t] * inv, vh + t * hd_, out, hd_);
+      }
+    });
+  }
+
+  int64_t nh_, nkv_, hd_, ff_, d_ = 0, vocab_ = 0;
+  float eps_;
+  torch::Tensor emb_, final_norm_, cos_, sin_;
+  Mat head_;
+  std::vector<Layer> layers_;
+  std::vector<float> x_, xn_, qkv_, att_, gu_, tmp_, scores_;
+  std::mutex mu_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, Opt, torch::Tensor, torch::Tensor,
+                    int64_t, int64_t, int64_t, int64_t, double>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("n_layer", &Decoder::n_layer);
+}
