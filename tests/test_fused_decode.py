@@ -113,6 +113,21 @@ def test_a_shared_length_cache_and_token_steps_take_the_native_step(native):
     assert native_tokens == [int(t) for t in token_steps(fresh, [PROMPT], cfg)]
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_the_step_shares_its_work_over_threads_exactly(native, quantize):
+    """Rows and heads spread over torch's threads give the same logits as one thread."""
+    model = prepare_for_decoding(tiny("llama-gqa"), quantize=quantize)
+    one, _ = greedy_logits(model, model.decode_forward, steps=12)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # more threads than rows blocks of some phases: idle ones too
+        three, _ = greedy_logits(model, model.decode_forward, steps=12)
+    finally:
+        torch.set_num_threads(threads)
+    again, _ = greedy_logits(model, model.decode_forward, steps=12)
+    assert torch.equal(one, three) and torch.equal(one, again)
+
+
 def dequantized_twin(float_model: Transformer, int8_model: Transformer) -> Transformer:
     """The fp32 model whose weights are exactly what ``int8_model``'s int8 rows stand for."""
     twin = prepare_for_decoding(copy.deepcopy(float_model))

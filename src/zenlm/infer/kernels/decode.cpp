@@ -15,8 +15,13 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
+#include <functional>
+#include <thread>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -58,6 +63,93 @@ inline void axpy(float a, const float* x, float* y, int64_t k) {
 inline __m256 widen8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+
+
+// Work shared over threads without a fork-join barrier: a phase is a count of items that
+// every thread (the caller included) claims one at a time from one atomic word, and the
+// caller waits only for items already claimed. A thread the OS has not scheduled claims
+// nothing and delays nothing, which on a busy machine is the difference between a step and a
+// stall; on a quiet one a phase costs a few atomics instead of an OpenMP region.
+class Pool {
+ public:
+  explicit Pool(int threads) {
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { work(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int threads() const { return static_cast<int>(workers_.size()) + 1; }
+
+  // fn(i) for i in [0, n), spread over the threads; returns when all are done
+  void run(int64_t n, const std::function<void(int64_t)>& fn) {
+    if (n <= 0) return;
+    if (workers_.empty() || n == 1) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    job_.store(&fn, std::memory_order_relaxed);
+    total_.store(n, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t epoch = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+    state_.store(epoch << 32, std::memory_order_seq_cst);
+    if (sleeping_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      cv_.notify_all();
+    }
+    claim(epoch);
+    while (done_.load(std::memory_order_acquire) < n) _mm_pause();
+  }
+
+ private:
+  void claim(uint64_t epoch) {
+    uint64_t s = state_.load(std::memory_order_acquire);
+    while ((s >> 32) == epoch) {
+      const int64_t i = static_cast<int64_t>(s & 0xffffffffu);
+      if (i >= total_.load(std::memory_order_relaxed)) return;
+      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) {
+        (*job_.load(std::memory_order_relaxed))(i);
+        done_.fetch_add(1, std::memory_order_release);
+        s = state_.load(std::memory_order_acquire);
+      }
+    }
+  }
+
+  void work() {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t epoch = state_.load(std::memory_order_acquire) >> 32;
+      for (int spin = 0; epoch == seen && spin < 20000; ++spin) {
+        _mm_pause();
+        epoch = state_.load(std::memory_order_acquire) >> 32;
+      }
+      if (epoch == seen) {  // idle: sleep until the next phase
+        std::unique_lock<std::mutex> lock(mu_);
+        sleeping_.fetch_add(1, std::memory_order_seq_cst);
+        cv_.wait(lock, [&] { return stop_ || (state_.load(std::memory_order_seq_cst) >> 32) != seen; });
+        sleeping_.fetch_sub(1, std::memory_order_seq_cst);
+        if (stop_) return;
+        continue;
+      }
+      seen = epoch;
+      claim(epoch);
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> state_{0};  // phase (high 32 bits), next item (low 32)
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleeping_{0};
+  std::atomic<const std::function<void(int64_t)>*> job_{nullptr};
+  std::atomic<int64_t> total_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+};
 
 // A weight matrix (n, k) as the model holds it: fp32 rows, or int8 rows times scale[row].
 struct Mat {
@@ -129,13 +221,10 @@ struct Mat {
     if (bias) for (int64_t r = r0; r < r1; ++r) y[r] += bias[r];
   }
 
-  // y = W x (+ bias), rows split over torch's threads in blocks of 4 (one block per thread
-  // call keeps the four-row kernel whole).
-  void apply(const float* x, float* y) const {
-    const int64_t blocks = (n + 3) / 4;
-    at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-      rows(x, y, b0 * 4, std::min(n, b1 * 4));
-    });
+  // y = W x (+ bias), in items of ROWS rows (a multiple of 4 keeps the four-row kernel whole)
+  static constexpr int64_t ROWS = 16;
+  void apply(Pool& pool, const float* x, float* y) const {
+    pool.run((n + ROWS - 1) / ROWS, [&](int64_t i) { rows(x, y, i * ROWS, std::min(n, (i + 1) * ROWS)); });
   }
 };
 
@@ -228,6 +317,8 @@ class Decoder {
   torch::Tensor step(int64_t token, int64_t pos, const std::vector<torch::Tensor>& keys,
                      const std::vector<torch::Tensor>& values) {
     std::lock_guard<std::mutex> guard(mu_);  // one step at a time: the scratch is shared
+    const int want = std::max(1, at::get_num_threads());  // torch's thread count, as it is now
+    if (!pool_ || pool_->threads() != want) pool_ = std::make_unique<Pool>(want);
     const int64_t L = static_cast<int64_t>(layers_.size());
     TORCH_CHECK(static_cast<int64_t>(keys.size()) == L && static_cast<int64_t>(values.size()) == L,
                 "one key and one value tensor per layer");
@@ -247,7 +338,7 @@ class Decoder {
     for (int64_t i = 0; i < L; ++i) {
       const Layer& l = layers_[i];
       rmsnorm(x_.data(), l.attn_norm.data_ptr<float>(), xn_.data());
-      l.qkv.apply(xn_.data(), qkv_.data());
+      l.qkv.apply(*pool_, xn_.data(), qkv_.data());
       float* q = qkv_.data();
       float* k = q + nh_ * hd_;
       float* v = k + nkv_ * hd_;
@@ -261,20 +352,20 @@ class Decoder {
         std::memcpy(vc + (h * cap + pos) * hd_, v + h * hd_, hd_ * sizeof(float));
       }
       attend(q, kc, vc, cap, pos);
-      l.o.apply(att_.data(), tmp_.data());
+      l.o.apply(*pool_, att_.data(), tmp_.data());
       for (int64_t j = 0; j < d_; ++j) x_[j] += tmp_[j];
       rmsnorm(x_.data(), l.mlp_norm.data_ptr<float>(), xn_.data());
-      l.gate_up.apply(xn_.data(), gu_.data());
+      l.gate_up.apply(*pool_, xn_.data(), gu_.data());
       for (int64_t j = 0; j < ff_; ++j) {  // SwiGLU: silu(gate) * up
         const float g = gu_[j];
         tmp_[j] = g / (1.0f + std::exp(-g)) * gu_[ff_ + j];
       }
-      l.down.apply(tmp_.data(), xn_.data());
+      l.down.apply(*pool_, tmp_.data(), xn_.data());
       for (int64_t j = 0; j < d_; ++j) x_[j] += xn_[j];
     }
     rmsnorm(x_.data(), final_norm_.data_ptr<float>(), xn_.data());
     torch::Tensor logits = torch::empty({1, 1, vocab_}, torch::kFloat);
-    head_.apply(xn_.data(), logits.data_ptr<float>());
+    head_.apply(*pool_, xn_.data(), logits.data_ptr<float>());
     return logits;
   }
 
@@ -302,8 +393,8 @@ class Decoder {
     const int64_t group = nh_ / nkv_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
     const int64_t n = pos + 1;
-    at::parallel_for(0, nh_, n * hd_ >= 4096 ? 1 : nh_ + 1, [&](int64_t h0, int64_t h1) {
-      for (int64_t h = h0; h < h1; ++h) {
+    auto head = [&](int64_t h) {
+      {
         const float* qh = q + h * hd_;
         const float* kh = kc + (h / group) * cap * hd_;
         const float* vh = vc + (h / group) * cap * hd_;
@@ -323,7 +414,12 @@ class Decoder {
         const float inv = 1.0f / sum;
         for (int64_t t = 0; t < n; ++t) axpy(s[t] * inv, vh + t * hd_, out, hd_);
       }
-    });
+    };
+    if (n * hd_ >= 4096) {
+      pool_->run(nh_, head);
+    } else {
+      for (int64_t h = 0; h < nh_; ++h) head(h);
+    }
   }
 
   int64_t nh_, nkv_, hd_, ff_, d_ = 0, vocab_ = 0;
@@ -333,6 +429,7 @@ class Decoder {
   std::vector<Layer> layers_;
   std::vector<float> x_, xn_, qkv_, att_, gu_, tmp_, scores_;
   std::mutex mu_;
+  std::unique_ptr<Pool> pool_;
 };
 
 }  // namespace
