@@ -63,6 +63,8 @@ def _load():
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "zenlm_decode.so").exists():
+        log.warning("zenlm: building the native decode step into %s (once; about a minute)", folder)
     # -fopenmp compiles at::parallel_for's pragmas in; the module then binds to the OpenMP
     # runtime torch has already loaded (same soname), so it shares torch's threads
     return cpp_extension.load(name="zenlm_decode", sources=[str(SOURCE)], build_directory=str(folder),

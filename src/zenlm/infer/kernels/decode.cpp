@@ -221,10 +221,12 @@ struct Mat {
     if (bias) for (int64_t r = r0; r < r1; ++r) y[r] += bias[r];
   }
 
-  // y = W x (+ bias), in items of ROWS rows (a multiple of 4 keeps the four-row kernel whole)
-  static constexpr int64_t ROWS = 16;
+  // y = W x (+ bias), in about eight items a thread: enough to even out a slow thread, few
+  // enough that claiming them (one contended atomic each) costs nothing next to the rows.
+  // Items are multiples of 4 rows, which keeps the four-row kernel whole.
   void apply(Pool& pool, const float* x, float* y) const {
-    pool.run((n + ROWS - 1) / ROWS, [&](int64_t i) { rows(x, y, i * ROWS, std::min(n, (i + 1) * ROWS)); });
+    const int64_t per = std::max<int64_t>(16, ((n + 8 * pool.threads() - 1) / (8 * pool.threads()) + 3) / 4 * 4);
+    pool.run((n + per - 1) / per, [&](int64_t i) { rows(x, y, i * per, std::min(n, (i + 1) * per)); });
   }
 };
 
