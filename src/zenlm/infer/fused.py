@@ -112,8 +112,8 @@ def unsupported(model: nn.Module) -> str | None:
     emb = model.tok_emb.weight
     if emb.device.type != "cpu" or emb.dtype != torch.float32:
         return "needs fp32 weights on the CPU"
-    head = model.lm_head
-    if head is not None and _mat(head) is None or head is not None and _mat(head)[2] is not None:
+    head = None if model.lm_head is None else _mat(model.lm_head)
+    if model.lm_head is not None and (head is None or head[2] is not None):
         return "the output head is neither a plain fp32 nor an int8 matrix without bias"
     for i, block in enumerate(model.blocks):
         parts = {"qkv_proj": block.attn._modules.get("qkv_proj"), "o_proj": block.attn.o_proj,
