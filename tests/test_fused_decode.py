@@ -118,14 +118,44 @@ def test_the_step_shares_its_work_over_threads_exactly(native, quantize):
     """Rows and heads spread over torch's threads give the same logits as one thread."""
     model = prepare_for_decoding(tiny("llama-gqa"), quantize=quantize)
     one, _ = greedy_logits(model, model.decode_forward, steps=12)
+    batch_one = batch_logits(model, model.decode_forward, 5)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(3)  # more threads than rows blocks of some phases: idle ones too
         three, _ = greedy_logits(model, model.decode_forward, steps=12)
+        batch_three = batch_logits(model, model.decode_forward, 5)
     finally:
         torch.set_num_threads(threads)
     again, _ = greedy_logits(model, model.decode_forward, steps=12)
-    assert torch.equal(one, three) and torch.equal(one, again)
+    assert torch.equal(one, three) and torch.equal(one, again) and torch.equal(batch_one, batch_three)
+
+
+@torch.inference_mode()
+def batch_logits(model, forward, rows: int, steps: int = 10):
+    """Logits (steps + 1, rows, V) of a greedy batch whose rows have prompts of different
+    lengths, each at its own length in a per-row cache (the engine's shape of a step)."""
+    prompts = [PROMPT[: 2 + i % len(PROMPT)] + [40 + i] for i in range(rows)]
+    cache = model.new_cache(rows, len(PROMPT) + 2 + steps, per_row=True)
+    logits = torch.cat([prefill_row(model, cache, i, p) for i, p in enumerate(prompts)])
+    out = [logits]
+    for _ in range(steps):
+        logits = decode_rows(forward, cache, logits.argmax(-1)[:, None])
+        out.append(logits)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("rows", [3, 11])  # 11: more rows than one pass of the batch kernel takes
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_a_batch_of_rows_at_their_own_lengths_equals_the_torch_path(native, rows, quantize, monkeypatch):
+    import zenlm.infer.quantize as quant
+
+    monkeypatch.setattr(quant, "INT8_MAX_ROWS", 0)  # int8: prefill through the dequantized weights
+    base = tiny("qwen-odd")
+    model = prepare_for_decoding(copy.deepcopy(base), quantize=quantize)
+    ref = model if quantize == "none" else dequantized_twin(base, model)
+    got, want = batch_logits(model, model.decode_forward, rows), batch_logits(ref, ref, rows)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert rel(got, want).max() < 1e-4
 
 
 def dequantized_twin(float_model: Transformer, int8_model: Transformer) -> Transformer:

@@ -157,8 +157,8 @@ def build(model: nn.Module, module=None):
 class FusedDecode:
     """``model(idx, cache=..., last_only=...)`` for decode loops, natively where it can be.
 
-    A one-token step of one row over an fp32 cache (per-row or not, no rows sitting out) runs
-    in the native decoder, built on first use from the model's weights as they are then
+    A one-token step (B, 1) over an fp32 cache of B rows (per-row lengths or one shared length;
+    no rows sitting out) runs in the native decoder, which reads each weight once for all rows; built on first use from the model's weights as they are then
     (prepare the model fully first); any other call goes to the model itself. Not a module, so
     the model's state dict and parameters do not change; a deep copy rebuilds its own.
     """
@@ -175,24 +175,26 @@ class FusedDecode:
 
     def native_step(self, idx: torch.Tensor, cache) -> bool:
         # (a per-row view from ``KVCache.rows`` carries only layers, lengths and live)
-        return (cache is not None and self.module is not None and idx.shape == (1, 1)
-                and cache.batch == 1 and not getattr(cache, "cross", None) and cache.live is None
-                and cache.layers[0][0].dtype == torch.float32)
+        return (cache is not None and self.module is not None and idx.dim() == 2 and idx.shape[1] == 1
+                and idx.shape[0] == cache.batch and not getattr(cache, "cross", None)
+                and cache.live is None and cache.layers[0][0].dtype == torch.float32)
 
     def __call__(self, idx: torch.Tensor, targets=None, *, cache=None, last_only: bool = False, **kwargs):
         if targets is not None or kwargs or not self.native_step(idx, cache):
             return self.model(idx, targets, cache=cache, last_only=last_only, **kwargs)
         per_row = cache.lengths is not None
-        pos = cache.lengths[0] if per_row else cache.pos
-        if pos + 1 > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {pos + 1}")
-        if pos + 1 > self.model.config.max_seq_len:
-            raise ValueError(f"sequence of {pos + 1} tokens exceeds the context of {self.model.config.max_seq_len}")
+        positions = list(cache.lengths) if per_row else [cache.pos] * idx.shape[0]
+        end = max(positions) + 1
+        if end > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {end}")
+        if end > self.model.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the context of {self.model.config.max_seq_len}")
         if self.decoder is None:
             self.decoder = build(self.model, self.module)
-        logits = self.decoder.step(int(idx[0, 0]), pos, [k for k, _ in cache.layers], [v for _, v in cache.layers])
+        logits = self.decoder.step(idx[:, 0].tolist(), positions, [k for k, _ in cache.layers],
+                                   [v for _, v in cache.layers])
         if per_row:
-            cache.lengths = [pos + 1]
+            cache.lengths = [p + 1 for p in positions]
         else:
             cache.pos += 1
         return logits

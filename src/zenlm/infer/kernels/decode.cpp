@@ -221,12 +221,59 @@ struct Mat {
     if (bias) for (int64_t r = r0; r < r1; ++r) y[r] += bias[r];
   }
 
+  // Row r against NB inputs (rows b0.. of x, each k wide): one read of the weights serves
+  // every input, which is what makes a batch cheaper than its rows one by one.
+  template <int NB>
+  void row_batch(int64_t r, const float* x, int64_t b0, float* out) const {
+    __m256 acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps();
+    const float* wfr = wf ? wf + r * k : nullptr;
+    const int8_t* wqr = wq ? wq + r * k : nullptr;
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+      const __m256 w = wqr ? widen8(wqr + j) : _mm256_loadu_ps(wfr + j);
+      for (int b = 0; b < NB; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (b0 + b) * k + j), acc[b]);
+    }
+    for (int b = 0; b < NB; ++b) {
+      float s = hsum(acc[b]);
+      const float* xb = x + (b0 + b) * k;
+      for (int64_t t = j; t < k; ++t) s += (wqr ? static_cast<float>(wqr[t]) : wfr[t]) * xb[t];
+      out[b] = s;
+    }
+  }
+
+  // Rows [r0, r1) of Y = X W^T (+ bias) for B inputs: x (B, k) -> y (B, n)
+  void rows_batch(const float* x, float* y, int64_t batch, int64_t r0, int64_t r1) const {
+    float out[8];
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t b0 = 0; b0 < batch; b0 += 8) {
+        const int64_t nb = std::min<int64_t>(8, batch - b0);
+        switch (nb) {
+          case 1: row_batch<1>(r, x, b0, out); break;
+          case 2: row_batch<2>(r, x, b0, out); break;
+          case 3: row_batch<3>(r, x, b0, out); break;
+          case 4: row_batch<4>(r, x, b0, out); break;
+          case 5: row_batch<5>(r, x, b0, out); break;
+          case 6: row_batch<6>(r, x, b0, out); break;
+          case 7: row_batch<7>(r, x, b0, out); break;
+          default: row_batch<8>(r, x, b0, out); break;
+        }
+        const float sc = scale ? scale[r] : 1.0f, bi = bias ? bias[r] : 0.0f;
+        for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * n + r] = out[b] * sc + bi;
+      }
+    }
+  }
+
   // y = W x (+ bias), in about eight items a thread: enough to even out a slow thread, few
   // enough that claiming them (one contended atomic each) costs nothing next to the rows.
   // Items are multiples of 4 rows, which keeps the four-row kernel whole.
-  void apply(Pool& pool, const float* x, float* y) const {
+  void apply(Pool& pool, const float* x, float* y, int64_t batch = 1) const {
     const int64_t per = std::max<int64_t>(16, ((n + 8 * pool.threads() - 1) / (8 * pool.threads()) + 3) / 4 * 4);
-    pool.run((n + per - 1) / per, [&](int64_t i) { rows(x, y, i * per, std::min(n, (i + 1) * per)); });
+    if (batch == 1) {
+      pool.run((n + per - 1) / per, [&](int64_t i) { rows(x, y, i * per, std::min(n, (i + 1) * per)); });
+    } else {
+      pool.run((n + per - 1) / per, [&](int64_t i) { rows_batch(x, y, batch, i * per, std::min(n, (i + 1) * per)); });
+    }
   }
 };
 
@@ -288,12 +335,6 @@ class Decoder {
                 "rope tables must be contiguous fp32 (max_len, head_dim)");
     cos_ = rope_cos;
     sin_ = rope_sin;
-    x_.resize(d_);
-    xn_.resize(d_);
-    qkv_.resize((nh_ + 2 * nkv_) * hd_);
-    att_.resize(nh_ * hd_);
-    gu_.resize(2 * ff_);
-    tmp_.resize(std::max(d_, ff_));
   }
 
   void add_layer(torch::Tensor attn_norm, torch::Tensor qkv, Opt qkv_scale, Opt qkv_bias,
@@ -314,60 +355,81 @@ class Decoder {
     layers_.push_back(std::move(l));
   }
 
-  // Logits (1, 1, vocab) of ``token`` at position ``pos``; its keys and values are written
-  // into every layer's cache tensors at ``pos``, and attention reads positions 0..pos.
-  torch::Tensor step(int64_t token, int64_t pos, const std::vector<torch::Tensor>& keys,
-                     const std::vector<torch::Tensor>& values) {
+  // Logits (B, 1, vocab) of ``tokens[b]`` at ``positions[b]``, row b of the batch; their keys
+  // and values are written into every layer's cache tensors (B, kv_heads, capacity, head_dim)
+  // at those positions, and row b's attention reads its positions 0..positions[b].
+  torch::Tensor step(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+                     const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values) {
     std::lock_guard<std::mutex> guard(mu_);  // one step at a time: the scratch is shared
     const int want = std::max(1, at::get_num_threads());  // torch's thread count, as it is now
     if (!pool_ || pool_->threads() != want) pool_ = std::make_unique<Pool>(want);
     const int64_t L = static_cast<int64_t>(layers_.size());
+    const int64_t B = static_cast<int64_t>(tokens.size());
+    TORCH_CHECK(B >= 1 && static_cast<int64_t>(positions.size()) == B, "one position per token");
     TORCH_CHECK(static_cast<int64_t>(keys.size()) == L && static_cast<int64_t>(values.size()) == L,
                 "one key and one value tensor per layer");
-    TORCH_CHECK(token >= 0 && token < vocab_, "token id out of range");
-    TORCH_CHECK(pos >= 0 && pos < cos_.size(0), "position beyond the rope tables");
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(tokens[b] >= 0 && tokens[b] < vocab_, "token id out of range");
+      TORCH_CHECK(positions[b] >= 0 && positions[b] < cos_.size(0), "position beyond the rope tables");
+      longest = std::max(longest, positions[b] + 1);
+    }
     for (int64_t i = 0; i < L; ++i) {
       for (const auto* t : {&keys[i], &values[i]}) {
-        TORCH_CHECK(t->scalar_type() == torch::kFloat && t->dim() == 4 && t->size(0) == 1 &&
-                    t->size(1) == nkv_ && t->size(3) == hd_ && t->size(2) > pos && t->is_contiguous(),
-                    "KV cache tensors must be contiguous fp32 (1, kv_heads, > pos, head_dim)");
+        TORCH_CHECK(t->scalar_type() == torch::kFloat && t->dim() == 4 && t->size(0) == B &&
+                    t->size(1) == nkv_ && t->size(3) == hd_ && t->size(2) >= longest && t->is_contiguous(),
+                    "KV cache tensors must be contiguous fp32 (batch, kv_heads, > position, head_dim)");
       }
     }
-    if (static_cast<int64_t>(scores_.size()) < nh_ * (pos + 1)) scores_.resize(nh_ * (pos + 1) * 2);
-    std::memcpy(x_.data(), emb_.data_ptr<float>() + token * d_, d_ * sizeof(float));
-    const float* cos = cos_.data_ptr<float>() + pos * hd_;
-    const float* sin = sin_.data_ptr<float>() + pos * hd_;
+    const int64_t nq = (nh_ + 2 * nkv_) * hd_;
+    x_.resize(B * d_);
+    xn_.resize(B * d_);
+    qkv_.resize(B * nq);
+    att_.resize(B * nh_ * hd_);
+    gu_.resize(B * 2 * ff_);
+    tmp_.resize(B * std::max(d_, ff_));
+    if (static_cast<int64_t>(scores_.size()) < B * nh_ * longest) scores_.resize(B * nh_ * longest * 2);
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(x_.data() + b * d_, emb_.data_ptr<float>() + tokens[b] * d_, d_ * sizeof(float));
     for (int64_t i = 0; i < L; ++i) {
       const Layer& l = layers_[i];
-      rmsnorm(x_.data(), l.attn_norm.data_ptr<float>(), xn_.data());
-      l.qkv.apply(*pool_, xn_.data(), qkv_.data());
-      float* q = qkv_.data();
-      float* k = q + nh_ * hd_;
-      float* v = k + nkv_ * hd_;
-      for (int64_t h = 0; h < nh_; ++h) rope(q + h * hd_, cos, sin);
-      for (int64_t h = 0; h < nkv_; ++h) rope(k + h * hd_, cos, sin);
+      for (int64_t b = 0; b < B; ++b) rmsnorm(x_.data() + b * d_, l.attn_norm.data_ptr<float>(), xn_.data() + b * d_);
+      l.qkv.apply(*pool_, xn_.data(), qkv_.data(), B);
       const int64_t cap = keys[i].size(2);
       float* kc = keys[i].data_ptr<float>();
       float* vc = values[i].data_ptr<float>();
-      for (int64_t h = 0; h < nkv_; ++h) {
-        std::memcpy(kc + (h * cap + pos) * hd_, k + h * hd_, hd_ * sizeof(float));
-        std::memcpy(vc + (h * cap + pos) * hd_, v + h * hd_, hd_ * sizeof(float));
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t pos = positions[b];
+        const float* cos = cos_.data_ptr<float>() + pos * hd_;
+        const float* sin = sin_.data_ptr<float>() + pos * hd_;
+        float* q = qkv_.data() + b * nq;
+        float* k = q + nh_ * hd_;
+        float* v = k + nkv_ * hd_;
+        for (int64_t h = 0; h < nh_; ++h) rope(q + h * hd_, cos, sin);
+        for (int64_t h = 0; h < nkv_; ++h) rope(k + h * hd_, cos, sin);
+        float* kb = kc + b * nkv_ * cap * hd_;
+        float* vb = vc + b * nkv_ * cap * hd_;
+        for (int64_t h = 0; h < nkv_; ++h) {
+          std::memcpy(kb + (h * cap + pos) * hd_, k + h * hd_, hd_ * sizeof(float));
+          std::memcpy(vb + (h * cap + pos) * hd_, v + h * hd_, hd_ * sizeof(float));
+        }
       }
-      attend(q, kc, vc, cap, pos);
-      l.o.apply(*pool_, att_.data(), tmp_.data());
-      for (int64_t j = 0; j < d_; ++j) x_[j] += tmp_[j];
-      rmsnorm(x_.data(), l.mlp_norm.data_ptr<float>(), xn_.data());
-      l.gate_up.apply(*pool_, xn_.data(), gu_.data());
-      for (int64_t j = 0; j < ff_; ++j) {  // SwiGLU: silu(gate) * up
-        const float g = gu_[j];
-        tmp_[j] = g / (1.0f + std::exp(-g)) * gu_[ff_ + j];
+      attend(kc, vc, cap, positions, nq, longest);
+      l.o.apply(*pool_, att_.data(), tmp_.data(), B);
+      for (int64_t j = 0; j < B * d_; ++j) x_[j] += tmp_[j];
+      for (int64_t b = 0; b < B; ++b) rmsnorm(x_.data() + b * d_, l.mlp_norm.data_ptr<float>(), xn_.data() + b * d_);
+      l.gate_up.apply(*pool_, xn_.data(), gu_.data(), B);
+      for (int64_t b = 0; b < B; ++b) {  // SwiGLU: silu(gate) * up
+        const float* gu = gu_.data() + b * 2 * ff_;
+        float* act = tmp_.data() + b * ff_;
+        for (int64_t j = 0; j < ff_; ++j) act[j] = gu[j] / (1.0f + std::exp(-gu[j])) * gu[ff_ + j];
       }
-      l.down.apply(*pool_, tmp_.data(), xn_.data());
-      for (int64_t j = 0; j < d_; ++j) x_[j] += xn_[j];
+      l.down.apply(*pool_, tmp_.data(), xn_.data(), B);
+      for (int64_t j = 0; j < B * d_; ++j) x_[j] += xn_[j];
     }
-    rmsnorm(x_.data(), final_norm_.data_ptr<float>(), xn_.data());
-    torch::Tensor logits = torch::empty({1, 1, vocab_}, torch::kFloat);
-    head_.apply(*pool_, xn_.data(), logits.data_ptr<float>());
+    for (int64_t b = 0; b < B; ++b) rmsnorm(x_.data() + b * d_, final_norm_.data_ptr<float>(), xn_.data() + b * d_);
+    torch::Tensor logits = torch::empty({B, 1, vocab_}, torch::kFloat);
+    head_.apply(*pool_, xn_.data(), logits.data_ptr<float>(), B);
     return logits;
   }
 
@@ -390,37 +452,40 @@ class Decoder {
     for (int64_t j = 0; j < hd_; ++j) x[j] = x[j] * cos[j] + buf[j] * sin[j];
   }
 
-  // One query per head over positions 0..pos of its KV head; softmax in fp32.
-  void attend(const float* q, const float* kc, const float* vc, int64_t cap, int64_t pos) {
+  // One query per head and row over that row's positions 0..pos; softmax in fp32.
+  void attend(const float* kc, const float* vc, int64_t cap, const std::vector<int64_t>& positions,
+              int64_t nq, int64_t longest) {
     const int64_t group = nh_ / nkv_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
-    const int64_t n = pos + 1;
-    auto head = [&](int64_t h) {
-      {
-        const float* qh = q + h * hd_;
-        const float* kh = kc + (h / group) * cap * hd_;
-        const float* vh = vc + (h / group) * cap * hd_;
-        float* s = scores_.data() + h * n;
-        float m = -INFINITY;
-        for (int64_t t = 0; t < n; ++t) {
-          s[t] = dot(qh, kh + t * hd_, hd_) * scale;
-          m = std::max(m, s[t]);
-        }
-        float sum = 0.0f;
-        for (int64_t t = 0; t < n; ++t) {
-          s[t] = std::exp(s[t] - m);
-          sum += s[t];
-        }
-        float* out = att_.data() + h * hd_;
-        std::fill(out, out + hd_, 0.0f);
-        const float inv = 1.0f / sum;
-        for (int64_t t = 0; t < n; ++t) axpy(s[t] * inv, vh + t * hd_, out, hd_);
+    const int64_t B = static_cast<int64_t>(positions.size());
+    int64_t work = 0;
+    for (int64_t p : positions) work += (p + 1) * hd_;
+    auto head = [&](int64_t item) {
+      const int64_t b = item / nh_, h = item % nh_;
+      const int64_t n = positions[b] + 1;
+      const float* qh = qkv_.data() + b * nq + h * hd_;
+      const float* kh = kc + (b * nkv_ + h / group) * cap * hd_;
+      const float* vh = vc + (b * nkv_ + h / group) * cap * hd_;
+      float* s = scores_.data() + item * longest;
+      float m = -INFINITY;
+      for (int64_t t = 0; t < n; ++t) {
+        s[t] = dot(qh, kh + t * hd_, hd_) * scale;
+        m = std::max(m, s[t]);
       }
+      float sum = 0.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        s[t] = std::exp(s[t] - m);
+        sum += s[t];
+      }
+      float* out = att_.data() + item * hd_;
+      std::fill(out, out + hd_, 0.0f);
+      const float inv = 1.0f / sum;
+      for (int64_t t = 0; t < n; ++t) axpy(s[t] * inv, vh + t * hd_, out, hd_);
     };
-    if (n * hd_ >= 4096) {
-      pool_->run(nh_, head);
+    if (work >= 4096) {
+      pool_->run(B * nh_, head);
     } else {
-      for (int64_t h = 0; h < nh_; ++h) head(h);
+      for (int64_t item = 0; item < B * nh_; ++item) head(item);
     }
   }
 
