@@ -65,11 +65,10 @@ def _load():
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "zenlm_decode.so").exists():
         log.warning("zenlm: building the native decode step into %s (once; about a minute)", folder)
-    # -fopenmp compiles at::parallel_for's pragmas in; the module then binds to the OpenMP
-    # runtime torch has already loaded (same soname), so it shares torch's threads
+    # -ffp-contract=off: no multiply-adds fused but the written ones, so a row sums alike in
+    # every kernel (alone or in a batch). Threads are the kernel's own (as many as torch's).
     return cpp_extension.load(name="zenlm_decode", sources=[str(SOURCE)], build_directory=str(folder),
-                              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"], verbose=False)
+                              extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off"], verbose=False)
 
 
 def native():
@@ -157,8 +156,9 @@ def build(model: nn.Module, module=None):
 class FusedDecode:
     """``model(idx, cache=..., last_only=...)`` for decode loops, natively where it can be.
 
-    A one-token step (B, 1) over an fp32 cache of B rows (per-row lengths or one shared length;
-    no rows sitting out) runs in the native decoder, which reads each weight once for all rows; built on first use from the model's weights as they are then
+    A one-token step (B, 1) over an fp32 cache of B rows (per-row lengths or one shared length)
+    runs in the native decoder, which reads each weight once for all rows; rows sitting out
+    (``live``) are skipped, their cache and length untouched and their logits zero; built on first use from the model's weights as they are then
     (prepare the model fully first); any other call goes to the model itself. Not a module, so
     the model's state dict and parameters do not change; a deep copy rebuilds its own.
     """
@@ -177,13 +177,17 @@ class FusedDecode:
         # (a per-row view from ``KVCache.rows`` carries only layers, lengths and live)
         return (cache is not None and self.module is not None and idx.dim() == 2 and idx.shape[1] == 1
                 and idx.shape[0] == cache.batch and not getattr(cache, "cross", None)
-                and cache.live is None and cache.layers[0][0].dtype == torch.float32)
+                and cache.layers[0][0].dtype == torch.float32)
 
     def __call__(self, idx: torch.Tensor, targets=None, *, cache=None, last_only: bool = False, **kwargs):
         if targets is not None or kwargs or not self.native_step(idx, cache):
             return self.model(idx, targets, cache=cache, last_only=last_only, **kwargs)
         per_row = cache.lengths is not None
-        positions = list(cache.lengths) if per_row else [cache.pos] * idx.shape[0]
+        b = idx.shape[0]
+        rows = [i for i, ok in enumerate(cache.live) if ok] if per_row and cache.live is not None else list(range(b))
+        if not rows:
+            return torch.zeros(b, 1, self.model.config.vocab_size)
+        positions = [cache.lengths[i] for i in rows] if per_row else [cache.pos] * b
         end = max(positions) + 1
         if end > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {end}")
@@ -191,12 +195,20 @@ class FusedDecode:
             raise ValueError(f"sequence of {end} tokens exceeds the context of {self.model.config.max_seq_len}")
         if self.decoder is None:
             self.decoder = build(self.model, self.module)
-        logits = self.decoder.step(idx[:, 0].tolist(), positions, [k for k, _ in cache.layers],
+        tokens = idx[:, 0].tolist()
+        logits = self.decoder.step([tokens[i] for i in rows], positions, rows, [k for k, _ in cache.layers],
                                    [v for _, v in cache.layers])
         if per_row:
-            cache.lengths = [p + 1 for p in positions]
+            lengths = list(cache.lengths)
+            for i, p in zip(rows, positions):
+                lengths[i] = p + 1
+            cache.lengths = lengths
         else:
             cache.pos += 1
+        if len(rows) < b:  # rows sitting out get no logits (the caller reads the live ones)
+            full = logits.new_zeros(b, 1, logits.shape[-1])
+            full[rows] = logits
+            logits = full
         return logits
 
 

@@ -182,7 +182,15 @@ struct Mat {
       }
       y[r] = s0; y[r + 1] = s1; y[r + 2] = s2; y[r + 3] = s3;
     }
-    for (; r < r1; ++r) y[r] = dot(wf + r * k, x, k);
+    for (; r < r1; ++r) {  // one accumulator, as above: a row sums alike wherever it falls
+      const float* w = wf + r * k;
+      __m256 a = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j + 8 <= k; j += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a);
+      float s = hsum(a);
+      for (; j < k; ++j) s += w[j] * x[j];
+      y[r] = s;
+    }
   }
 
   void rows_i8(const float* x, float* y, int64_t r0, int64_t r1) const {
@@ -355,28 +363,34 @@ class Decoder {
     layers_.push_back(std::move(l));
   }
 
-  // Logits (B, 1, vocab) of ``tokens[b]`` at ``positions[b]``, row b of the batch; their keys
-  // and values are written into every layer's cache tensors (B, kv_heads, capacity, head_dim)
-  // at those positions, and row b's attention reads its positions 0..positions[b].
+  // Logits (B, 1, vocab) of ``tokens[b]`` at ``positions[b]`` in cache row ``cache_rows[b]``;
+  // their keys and values are written into every layer's cache tensors (rows, kv_heads,
+  // capacity, head_dim) there, and attention reads that row's positions 0..positions[b]. Every
+  // row's sums run in one order whatever the batch or the threads, so a row decodes the same
+  // alone or in any batch.
   torch::Tensor step(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
-                     const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values) {
+                     const std::vector<int64_t>& cache_rows, const std::vector<torch::Tensor>& keys,
+                     const std::vector<torch::Tensor>& values) {
     std::lock_guard<std::mutex> guard(mu_);  // one step at a time: the scratch is shared
     const int want = std::max(1, at::get_num_threads());  // torch's thread count, as it is now
     if (!pool_ || pool_->threads() != want) pool_ = std::make_unique<Pool>(want);
     const int64_t L = static_cast<int64_t>(layers_.size());
     const int64_t B = static_cast<int64_t>(tokens.size());
-    TORCH_CHECK(B >= 1 && static_cast<int64_t>(positions.size()) == B, "one position per token");
+    TORCH_CHECK(B >= 1 && static_cast<int64_t>(positions.size()) == B &&
+                static_cast<int64_t>(cache_rows.size()) == B, "one position and cache row per token");
     TORCH_CHECK(static_cast<int64_t>(keys.size()) == L && static_cast<int64_t>(values.size()) == L,
                 "one key and one value tensor per layer");
-    int64_t longest = 0;
+    int64_t longest = 0, rows_needed = 0;
     for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(cache_rows[b] >= 0, "cache rows must be >= 0");
+      rows_needed = std::max(rows_needed, cache_rows[b] + 1);
       TORCH_CHECK(tokens[b] >= 0 && tokens[b] < vocab_, "token id out of range");
       TORCH_CHECK(positions[b] >= 0 && positions[b] < cos_.size(0), "position beyond the rope tables");
       longest = std::max(longest, positions[b] + 1);
     }
     for (int64_t i = 0; i < L; ++i) {
       for (const auto* t : {&keys[i], &values[i]}) {
-        TORCH_CHECK(t->scalar_type() == torch::kFloat && t->dim() == 4 && t->size(0) == B &&
+        TORCH_CHECK(t->scalar_type() == torch::kFloat && t->dim() == 4 && t->size(0) >= rows_needed &&
                     t->size(1) == nkv_ && t->size(3) == hd_ && t->size(2) >= longest && t->is_contiguous(),
                     "KV cache tensors must be contiguous fp32 (batch, kv_heads, > position, head_dim)");
       }
@@ -407,14 +421,14 @@ class Decoder {
         float* v = k + nkv_ * hd_;
         for (int64_t h = 0; h < nh_; ++h) rope(q + h * hd_, cos, sin);
         for (int64_t h = 0; h < nkv_; ++h) rope(k + h * hd_, cos, sin);
-        float* kb = kc + b * nkv_ * cap * hd_;
-        float* vb = vc + b * nkv_ * cap * hd_;
+        float* kb = kc + cache_rows[b] * nkv_ * cap * hd_;
+        float* vb = vc + cache_rows[b] * nkv_ * cap * hd_;
         for (int64_t h = 0; h < nkv_; ++h) {
           std::memcpy(kb + (h * cap + pos) * hd_, k + h * hd_, hd_ * sizeof(float));
           std::memcpy(vb + (h * cap + pos) * hd_, v + h * hd_, hd_ * sizeof(float));
         }
       }
-      attend(kc, vc, cap, positions, nq, longest);
+      attend(kc, vc, cap, positions, cache_rows, nq, longest);
       l.o.apply(*pool_, att_.data(), tmp_.data(), B);
       for (int64_t j = 0; j < B * d_; ++j) x_[j] += tmp_[j];
       for (int64_t b = 0; b < B; ++b) rmsnorm(x_.data() + b * d_, l.mlp_norm.data_ptr<float>(), xn_.data() + b * d_);
@@ -454,7 +468,7 @@ class Decoder {
 
   // One query per head and row over that row's positions 0..pos; softmax in fp32.
   void attend(const float* kc, const float* vc, int64_t cap, const std::vector<int64_t>& positions,
-              int64_t nq, int64_t longest) {
+              const std::vector<int64_t>& cache_rows, int64_t nq, int64_t longest) {
     const int64_t group = nh_ / nkv_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
     const int64_t B = static_cast<int64_t>(positions.size());
@@ -464,8 +478,8 @@ class Decoder {
       const int64_t b = item / nh_, h = item % nh_;
       const int64_t n = positions[b] + 1;
       const float* qh = qkv_.data() + b * nq + h * hd_;
-      const float* kh = kc + (b * nkv_ + h / group) * cap * hd_;
-      const float* vh = vc + (b * nkv_ + h / group) * cap * hd_;
+      const float* kh = kc + (cache_rows[b] * nkv_ + h / group) * cap * hd_;
+      const float* vh = vc + (cache_rows[b] * nkv_ + h / group) * cap * hd_;
       float* s = scores_.data() + item * longest;
       float m = -INFINITY;
       for (int64_t t = 0; t < n; ++t) {
