@@ -158,6 +158,24 @@ def test_a_batch_of_rows_at_their_own_lengths_equals_the_torch_path(native, rows
     assert rel(got, want).max() < 1e-4
 
 
+def test_rows_sitting_out_keep_their_cache_and_length(native):
+    """The engine's step: only live rows move; theirs equal the torch path's."""
+    model = prepare_for_decoding(tiny("llama-gqa"))
+    caches = []
+    for forward in (model.decode_forward, model):
+        cache = model.new_cache(3, 32, per_row=True)
+        with torch.inference_mode():
+            for i, n in enumerate((4, 7, 5)):
+                prefill_row(model, cache, i, PROMPT[:n])
+            before = [k.clone() for k, _ in cache.layers]
+            logits = decode_rows(forward, cache, torch.tensor([[11], [12], [13]]), live=[True, False, True])
+        caches.append((cache, logits, before))
+    (got, got_logits, before), (want, want_logits, _) = caches
+    assert got.lengths == want.lengths == [5, 7, 6]
+    assert rel(got_logits[[0, 2]], want_logits[[0, 2]]).max() < 1e-4
+    assert torch.equal(got.layers[0][0][1], before[0][1])  # the resting row's keys untouched
+
+
 def dequantized_twin(float_model: Transformer, int8_model: Transformer) -> Transformer:
     """The fp32 model whose weights are exactly what ``int8_model``'s int8 rows stand for."""
     twin = prepare_for_decoding(copy.deepcopy(float_model))

@@ -1,4 +1,4 @@
-"""A native one-token decode step for batch-1 decoding on AVX2 + FMA CPUs.
+"""A native one-token decode step for AVX2 + FMA CPUs (batch 1 first, batches too).
 
 Decoding one token through torch is a long chain of small ops whose dispatch overhead rivals
 their work, and torch's matrix-vector products stream weights below the memory's read rate. The
@@ -11,8 +11,11 @@ or int8 (:class:`~zenlm.infer.quantize.Int8Linear`) weights.
 :func:`attach` (called by ``prepare_for_decoding``) sets ``model.decode_forward`` to a
 :class:`FusedDecode`, the hook the decode loops already call for one-token steps
 (``generate.token_steps``, the engine). It takes only the steps it can compute exactly as the
-model would — one token, one row, a cache in fp32 — and hands everything else to the model's
-own forward, so the torch path stays the one definition of the model and prefill is unchanged.
+model would — one token per row, a cache in fp32; a batch of rows at their own lengths reads
+each weight once for all of them, and rows sitting out are skipped — and hands everything else
+to the model's own forward, so the torch path stays the one definition of the model and
+prefill is unchanged. A row's sums run in one order alone or in any batch, on any number of
+threads, so batching never changes a row's tokens.
 
 It applies to pre-norm, causal decoders with RMSNorm, RoPE and SwiGLU (Llama, Qwen2 with its
 q/k/v biases, SmolLM2) in fp32, each projection fp32 or int8, after ``fuse_projections``.

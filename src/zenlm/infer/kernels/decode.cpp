@@ -1,4 +1,4 @@
-// One decoding step of a pre-norm Llama-shape decoder at batch 1, in one native call.
+// One decoding step of a pre-norm Llama-shape decoder, for one row or a batch, in one native call.
 //
 // Why: decoding a token through torch is about a thousand small ops, each paying dispatch
 // overhead comparable to its work, and torch's GEMVs stream weights well below the memory's
@@ -8,7 +8,8 @@
 //
 // Layout, matching zenlm.model exactly: fused q/k/v rows (q, then k, then v), fused gate/up
 // rows (gate, then up), RoPE in the "rotate half" layout with the model's own cos and signed
-// sin tables, KV cache tensors (1, kv_heads, capacity, head_dim) written at ``pos``.
+// sin tables, KV cache tensors (rows, kv_heads, capacity, head_dim) written at each row's
+// position.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
