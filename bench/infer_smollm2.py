@@ -21,6 +21,7 @@ as a share of the bandwidth limit.
     . .venv/bin/activate
     python bench/infer_smollm2.py                 # ~10 minutes on 2 cores; JSON to bench/results/
     python bench/infer_smollm2.py --reps 1 --skip hf
+    python bench/infer_smollm2.py --unfused --skip zenlm-int4 --skip hf   # fused vs torch decode step
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ PPL_CHARS = 20_000
 NEW_TOKENS = 128
 PROMPT_TOKENS = 512
 CONTESTANTS = ("zenlm", "zenlm-int8", "zenlm-bf16", "zenlm-int4", "hf", "llama.cpp")
+# zenlm fp32 and int8 with the native batch-1 decode step turned off (ZENLM_FUSED=0): the
+# torch path, for an A/B of zenlm.infer.fused in the same run (--unfused)
+UNFUSED = ("zenlm-unfused", "zenlm-int8-unfused")
 
 
 def gguf_path() -> Path:
@@ -92,6 +96,7 @@ def run_zenlm(int8: bool, threads: int, bf16: bool = False, int4: bool = False) 
 
     out = measure(prefill, decode, first_token)
     out["bytes_per_token"] = bytes_read_per_token(model)
+    out["fused_decode"] = type(model.__dict__.get("decode_forward")).__name__ == "FusedDecode"
     from zenlm.eval.perplexity import evaluate_text
 
     if int8 or int4:  # score through the kernels decoding uses, not the prefill fallback
@@ -200,6 +205,9 @@ def child(name: str, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    if name.endswith("-unfused"):
+        os.environ["ZENLM_FUSED"] = "0"
+        name = name.removesuffix("-unfused")
     if name == "zenlm":
         r = run_zenlm(False, threads)
     elif name == "zenlm-int8":
@@ -245,7 +253,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip", action="append", default=[], choices=CONTESTANTS)
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--child", choices=CONTESTANTS, help=argparse.SUPPRESS)
+    p.add_argument("--unfused", action="store_true",
+                   help="also run zenlm fp32 and int8 with the native decode step off (ZENLM_FUSED=0)")
+    p.add_argument("--child", choices=CONTESTANTS + UNFUSED, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args.child, args.threads)
@@ -253,6 +263,8 @@ def main() -> None:
     import importlib.util
 
     names = [c for c in CONTESTANTS if c not in args.skip]
+    if args.unfused:
+        names += [u for u in UNFUSED if u.removesuffix("-unfused") in names]
     if "llama.cpp" in names and importlib.util.find_spec("llama_cpp") is None:
         print("llama.cpp: skipped (llama-cpp-python is not installed)")
         names.remove("llama.cpp")
@@ -310,6 +322,9 @@ def main() -> None:
         for n in med:
             if n.startswith("zenlm"):
                 ratios[f"{n}/llama.cpp"] = {"decode_b1": med[n]["decode_b1_tok_s"] / med["llama.cpp"]["decode_b1_tok_s"]}
+    for n in UNFUSED:
+        if n in med and (fast := n.removesuffix("-unfused")) in med:
+            ratios[f"{fast} fused/unfused"] = {"decode_b1": med[fast]["decode_b1_tok_s"] / med[n]["decode_b1_tok_s"]}
     for n in ("zenlm-int8", "zenlm-bf16", "zenlm-int4"):
         if "zenlm" in med and n in med:
             ratios[f"{n} perplexity change %"] = 100 * (med[n]["ppl"] / med["zenlm"]["ppl"] - 1)

@@ -43,8 +43,10 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "fp32", quantize: str = 
 
     ``dtype``: fp32 | bf16 | auto (bf16 where it is native on the model's device). ``quantize``:
     none | int8 | int4; int4 keeps its float parts in fp32 (they are small and slower in bf16
-    on a CPU), so it refuses an explicit bf16. ``compile`` compiles the one-token decode step. The model is
-    frozen and put in eval mode: this is for using a model, not training it.
+    on a CPU), so it refuses an explicit bf16. ``compile`` compiles the one-token decode step; without
+    it, one-token steps of one row run in the native step of ``zenlm.infer.fused`` where the model
+    and CPU allow (``ZENLM_FUSED=0`` turns it off). The model is frozen and put in eval mode: this
+    is for using a model, not training it.
     """
     from zenlm.hardware import resolve_dtype
     from zenlm.model.lora import merge_lora
@@ -74,6 +76,10 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "fp32", quantize: str = 
         from zenlm.infer.generate import compile_decoding
 
         compile_decoding(body)
+    elif body is model:  # a language model: its batch-1 steps natively where they can be
+        from zenlm.infer.fused import attach
+
+        attach(body)
     return model
 
 

@@ -1,0 +1,526 @@
+// One decoding step of a pre-norm Llama-shape decoder, for one row or a batch, in one native call.
+//
+// Why: decoding a token through torch is about a thousand small ops, each paying dispatch
+// overhead comparable to its work, and torch's GEMVs stream weights well below the memory's
+// read rate. Here every layer runs as plain loops over the model's own weight tensors (no
+// copies: fp32 rows, or int8 rows with one fp32 scale each), so a step costs what reading the
+// weights costs. AVX2 + FMA only: the loader builds this where the CPU reports both.
+//
+// Layout, matching zenlm.model exactly: fused q/k/v rows (q, then k, then v), fused gate/up
+// rows (gate, then up), RoPE in the "rotate half" layout with the model's own cos and signed
+// sin tables, KV cache tensors (rows, kv_heads, capacity, head_dim) written at each row's
+// position.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <functional>
+#include <thread>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using Opt = std::optional<torch::Tensor>;
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+inline float dot(const float* a, const float* b, int64_t k) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+  }
+  for (; j + 8 <= k; j += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+  float s = hsum(_mm256_add_ps(s0, s1));
+  for (; j < k; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// y[i] += a * x[i]
+inline void axpy(float a, const float* x, float* y, int64_t k) {
+  __m256 av = _mm256_set1_ps(a);
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+  for (; j < k; ++j) y[j] += a * x[j];
+}
+
+// eight int8 weights widened to fp32
+inline __m256 widen8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+
+// Work shared over threads without a fork-join barrier: a phase is a count of items that
+// every thread (the caller included) claims one at a time from one atomic word, and the
+// caller waits only for items already claimed. A thread the OS has not scheduled claims
+// nothing and delays nothing, which on a busy machine is the difference between a step and a
+// stall; on a quiet one a phase costs a few atomics instead of an OpenMP region.
+class Pool {
+ public:
+  explicit Pool(int threads) {
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { work(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int threads() const { return static_cast<int>(workers_.size()) + 1; }
+
+  // fn(i) for i in [0, n), spread over the threads; returns when all are done
+  void run(int64_t n, const std::function<void(int64_t)>& fn) {
+    if (n <= 0) return;
+    if (workers_.empty() || n == 1) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    job_.store(&fn, std::memory_order_relaxed);
+    total_.store(n, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t epoch = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+    state_.store(epoch << 32, std::memory_order_seq_cst);
+    if (sleeping_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      cv_.notify_all();
+    }
+    claim(epoch);
+    while (done_.load(std::memory_order_acquire) < n) _mm_pause();
+  }
+
+ private:
+  void claim(uint64_t epoch) {
+    uint64_t s = state_.load(std::memory_order_acquire);
+    while ((s >> 32) == epoch) {
+      const int64_t i = static_cast<int64_t>(s & 0xffffffffu);
+      if (i >= total_.load(std::memory_order_relaxed)) return;
+      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) {
+        (*job_.load(std::memory_order_relaxed))(i);
+        done_.fetch_add(1, std::memory_order_release);
+        s = state_.load(std::memory_order_acquire);
+      }
+    }
+  }
+
+  void work() {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t epoch = state_.load(std::memory_order_acquire) >> 32;
+      for (int spin = 0; epoch == seen && spin < 20000; ++spin) {
+        _mm_pause();
+        epoch = state_.load(std::memory_order_acquire) >> 32;
+      }
+      if (epoch == seen) {  // idle: sleep until the next phase
+        std::unique_lock<std::mutex> lock(mu_);
+        sleeping_.fetch_add(1, std::memory_order_seq_cst);
+        cv_.wait(lock, [&] { return stop_ || (state_.load(std::memory_order_seq_cst) >> 32) != seen; });
+        sleeping_.fetch_sub(1, std::memory_order_seq_cst);
+        if (stop_) return;
+        continue;
+      }
+      seen = epoch;
+      claim(epoch);
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> state_{0};  // phase (high 32 bits), next item (low 32)
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleeping_{0};
+  std::atomic<const std::function<void(int64_t)>*> job_{nullptr};
+  std::atomic<int64_t> total_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+};
+
+// A weight matrix (n, k) as the model holds it: fp32 rows, or int8 rows times scale[row].
+struct Mat {
+  torch::Tensor keep_w, keep_s, keep_b;  // owners of the pointers below
+  const float* wf = nullptr;
+  const int8_t* wq = nullptr;
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+  int64_t n = 0, k = 0;
+
+  // Rows [r0, r1) of y = W x (+ bias). Four consecutive rows at a time: one contiguous stream
+  // of memory and four independent accumulators, x read once for all four.
+  void rows_f32(const float* x, float* y, int64_t r0, int64_t r1) const {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+      const float* w0 = wf + r * k;
+      const float *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t j = 0;
+      for (; j + 8 <= k; j += 8) {
+        __m256 xv = _mm256_loadu_ps(x + j);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), xv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), xv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j), xv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j), xv, a3);
+      }
+      float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+      for (; j < k; ++j) {
+        s0 += w0[j] * x[j]; s1 += w1[j] * x[j]; s2 += w2[j] * x[j]; s3 += w3[j] * x[j];
+      }
+      y[r] = s0; y[r + 1] = s1; y[r + 2] = s2; y[r + 3] = s3;
+    }
+    for (; r < r1; ++r) {  // one accumulator, as above: a row sums alike wherever it falls
+      const float* w = wf + r * k;
+      __m256 a = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j + 8 <= k; j += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a);
+      float s = hsum(a);
+      for (; j < k; ++j) s += w[j] * x[j];
+      y[r] = s;
+    }
+  }
+
+  void rows_i8(const float* x, float* y, int64_t r0, int64_t r1) const {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+      const int8_t* w0 = wq + r * k;
+      const int8_t *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t j = 0;
+      for (; j + 8 <= k; j += 8) {
+        __m256 xv = _mm256_loadu_ps(x + j);
+        a0 = _mm256_fmadd_ps(widen8(w0 + j), xv, a0);
+        a1 = _mm256_fmadd_ps(widen8(w1 + j), xv, a1);
+        a2 = _mm256_fmadd_ps(widen8(w2 + j), xv, a2);
+        a3 = _mm256_fmadd_ps(widen8(w3 + j), xv, a3);
+      }
+      float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+      for (; j < k; ++j) {
+        s0 += w0[j] * x[j]; s1 += w1[j] * x[j]; s2 += w2[j] * x[j]; s3 += w3[j] * x[j];
+      }
+      y[r] = s0 * scale[r]; y[r + 1] = s1 * scale[r + 1]; y[r + 2] = s2 * scale[r + 2]; y[r + 3] = s3 * scale[r + 3];
+    }
+    for (; r < r1; ++r) {
+      const int8_t* w = wq + r * k;
+      __m256 a = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j + 8 <= k; j += 8) a = _mm256_fmadd_ps(widen8(w + j), _mm256_loadu_ps(x + j), a);
+      float s = hsum(a);
+      for (; j < k; ++j) s += w[j] * x[j];
+      y[r] = s * scale[r];
+    }
+  }
+
+  void rows(const float* x, float* y, int64_t r0, int64_t r1) const {
+    if (wq) rows_i8(x, y, r0, r1); else rows_f32(x, y, r0, r1);
+    if (bias) for (int64_t r = r0; r < r1; ++r) y[r] += bias[r];
+  }
+
+  // Row r against NB inputs (rows b0.. of x, each k wide): one read of the weights serves
+  // every input, which is what makes a batch cheaper than its rows one by one.
+  template <int NB>
+  void row_batch(int64_t r, const float* x, int64_t b0, float* out) const {
+    __m256 acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps();
+    const float* wfr = wf ? wf + r * k : nullptr;
+    const int8_t* wqr = wq ? wq + r * k : nullptr;
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+      const __m256 w = wqr ? widen8(wqr + j) : _mm256_loadu_ps(wfr + j);
+      for (int b = 0; b < NB; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (b0 + b) * k + j), acc[b]);
+    }
+    for (int b = 0; b < NB; ++b) {
+      float s = hsum(acc[b]);
+      const float* xb = x + (b0 + b) * k;
+      for (int64_t t = j; t < k; ++t) s += (wqr ? static_cast<float>(wqr[t]) : wfr[t]) * xb[t];
+      out[b] = s;
+    }
+  }
+
+  // Rows [r0, r1) of Y = X W^T (+ bias) for B inputs: x (B, k) -> y (B, n)
+  void rows_batch(const float* x, float* y, int64_t batch, int64_t r0, int64_t r1) const {
+    float out[8];
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t b0 = 0; b0 < batch; b0 += 8) {
+        const int64_t nb = std::min<int64_t>(8, batch - b0);
+        switch (nb) {
+          case 1: row_batch<1>(r, x, b0, out); break;
+          case 2: row_batch<2>(r, x, b0, out); break;
+          case 3: row_batch<3>(r, x, b0, out); break;
+          case 4: row_batch<4>(r, x, b0, out); break;
+          case 5: row_batch<5>(r, x, b0, out); break;
+          case 6: row_batch<6>(r, x, b0, out); break;
+          case 7: row_batch<7>(r, x, b0, out); break;
+          default: row_batch<8>(r, x, b0, out); break;
+        }
+        const float sc = scale ? scale[r] : 1.0f, bi = bias ? bias[r] : 0.0f;
+        for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * n + r] = out[b] * sc + bi;
+      }
+    }
+  }
+
+  // y = W x (+ bias), in about eight items a thread: enough to even out a slow thread, few
+  // enough that claiming them (one contended atomic each) costs nothing next to the rows.
+  // Items are multiples of 4 rows, which keeps the four-row kernel whole.
+  void apply(Pool& pool, const float* x, float* y, int64_t batch = 1) const {
+    const int64_t per = std::max<int64_t>(16, ((n + 8 * pool.threads() - 1) / (8 * pool.threads()) + 3) / 4 * 4);
+    if (batch == 1) {
+      pool.run((n + per - 1) / per, [&](int64_t i) { rows(x, y, i * per, std::min(n, (i + 1) * per)); });
+    } else {
+      pool.run((n + per - 1) / per, [&](int64_t i) { rows_batch(x, y, batch, i * per, std::min(n, (i + 1) * per)); });
+    }
+  }
+};
+
+Mat make_mat(const torch::Tensor& w, const Opt& scale, const Opt& bias) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "weights must be contiguous 2-D CPU tensors");
+  Mat m;
+  m.keep_w = w;
+  m.n = w.size(0);
+  m.k = w.size(1);
+  if (w.scalar_type() == torch::kInt8) {
+    TORCH_CHECK(scale.has_value(), "int8 weights need their row scales");
+    TORCH_CHECK(scale->scalar_type() == torch::kFloat && scale->is_contiguous() && scale->numel() == m.n,
+                "int8 row scales must be fp32, one per row");
+    m.keep_s = *scale;
+    m.wq = w.data_ptr<int8_t>();
+    m.scale = m.keep_s.data_ptr<float>();
+  } else {
+    TORCH_CHECK(w.scalar_type() == torch::kFloat, "weights must be fp32 or int8");
+    m.wf = w.data_ptr<float>();
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == m.n,
+                "a bias must be fp32, one per row");
+    m.keep_b = *bias;
+    m.bias = m.keep_b.data_ptr<float>();
+  }
+  return m;
+}
+
+torch::Tensor checked_vec(const torch::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous() && t.numel() == n, what, " must be fp32 of ", n);
+  return t;
+}
+
+struct Layer {
+  torch::Tensor attn_norm, mlp_norm;
+  Mat qkv, o, gate_up, down;
+};
+
+class Decoder {
+ public:
+  Decoder(torch::Tensor embedding, torch::Tensor final_norm, torch::Tensor head, Opt head_scale,
+          torch::Tensor rope_cos, torch::Tensor rope_sin, int64_t n_head, int64_t n_kv_head,
+          int64_t head_dim, int64_t d_ff, double eps)
+      : nh_(n_head), nkv_(n_kv_head), hd_(head_dim), ff_(d_ff), eps_(static_cast<float>(eps)) {
+    TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == torch::kFloat && embedding.is_contiguous(),
+                "the embedding table must be contiguous fp32");
+    TORCH_CHECK(n_head % n_kv_head == 0, "n_head must be a multiple of n_kv_head");
+    TORCH_CHECK(head_dim % 2 == 0 && head_dim <= 512, "head_dim must be even and at most 512");
+    emb_ = embedding;
+    vocab_ = embedding.size(0);
+    d_ = embedding.size(1);
+    final_norm_ = checked_vec(final_norm, d_, "the final norm");
+    head_ = make_mat(head, head_scale, std::nullopt);
+    TORCH_CHECK(head_.k == d_, "the head's width must be d_model");
+    TORCH_CHECK(rope_cos.dim() == 2 && rope_cos.size(1) == hd_ && rope_cos.is_contiguous() &&
+                rope_cos.scalar_type() == torch::kFloat && rope_sin.sizes() == rope_cos.sizes() &&
+                rope_sin.is_contiguous() && rope_sin.scalar_type() == torch::kFloat,
+                "rope tables must be contiguous fp32 (max_len, head_dim)");
+    cos_ = rope_cos;
+    sin_ = rope_sin;
+  }
+
+  void add_layer(torch::Tensor attn_norm, torch::Tensor qkv, Opt qkv_scale, Opt qkv_bias,
+                 torch::Tensor o, Opt o_scale, Opt o_bias, torch::Tensor mlp_norm,
+                 torch::Tensor gate_up, Opt gate_up_scale, Opt gate_up_bias,
+                 torch::Tensor down, Opt down_scale, Opt down_bias) {
+    Layer l;
+    l.attn_norm = checked_vec(attn_norm, d_, "an attention norm");
+    l.mlp_norm = checked_vec(mlp_norm, d_, "an MLP norm");
+    l.qkv = make_mat(qkv, qkv_scale, qkv_bias);
+    l.o = make_mat(o, o_scale, o_bias);
+    l.gate_up = make_mat(gate_up, gate_up_scale, gate_up_bias);
+    l.down = make_mat(down, down_scale, down_bias);
+    TORCH_CHECK(l.qkv.n == (nh_ + 2 * nkv_) * hd_ && l.qkv.k == d_, "q/k/v shape");
+    TORCH_CHECK(l.o.n == d_ && l.o.k == nh_ * hd_, "o_proj shape");
+    TORCH_CHECK(l.gate_up.n == 2 * ff_ && l.gate_up.k == d_, "gate/up shape");
+    TORCH_CHECK(l.down.n == d_ && l.down.k == ff_, "down_proj shape");
+    layers_.push_back(std::move(l));
+  }
+
+  // Logits (B, 1, vocab) of ``tokens[b]`` at ``positions[b]`` in cache row ``cache_rows[b]``;
+  // their keys and values are written into every layer's cache tensors (rows, kv_heads,
+  // capacity, head_dim) there, and attention reads that row's positions 0..positions[b]. Every
+  // row's sums run in one order whatever the batch or the threads, so a row decodes the same
+  // alone or in any batch.
+  torch::Tensor step(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+                     const std::vector<int64_t>& cache_rows, const std::vector<torch::Tensor>& keys,
+                     const std::vector<torch::Tensor>& values) {
+    std::lock_guard<std::mutex> guard(mu_);  // one step at a time: the scratch is shared
+    const int want = std::max(1, at::get_num_threads());  // torch's thread count, as it is now
+    if (!pool_ || pool_->threads() != want) pool_ = std::make_unique<Pool>(want);
+    const int64_t L = static_cast<int64_t>(layers_.size());
+    const int64_t B = static_cast<int64_t>(tokens.size());
+    TORCH_CHECK(B >= 1 && static_cast<int64_t>(positions.size()) == B &&
+                static_cast<int64_t>(cache_rows.size()) == B, "one position and cache row per token");
+    TORCH_CHECK(static_cast<int64_t>(keys.size()) == L && static_cast<int64_t>(values.size()) == L,
+                "one key and one value tensor per layer");
+    int64_t longest = 0, rows_needed = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(cache_rows[b] >= 0, "cache rows must be >= 0");
+      rows_needed = std::max(rows_needed, cache_rows[b] + 1);
+      TORCH_CHECK(tokens[b] >= 0 && tokens[b] < vocab_, "token id out of range");
+      TORCH_CHECK(positions[b] >= 0 && positions[b] < cos_.size(0), "position beyond the rope tables");
+      longest = std::max(longest, positions[b] + 1);
+    }
+    for (int64_t i = 0; i < L; ++i) {
+      for (const auto* t : {&keys[i], &values[i]}) {
+        TORCH_CHECK(t->scalar_type() == torch::kFloat && t->dim() == 4 && t->size(0) >= rows_needed &&
+                    t->size(1) == nkv_ && t->size(3) == hd_ && t->size(2) >= longest && t->is_contiguous(),
+                    "KV cache tensors must be contiguous fp32 (batch, kv_heads, > position, head_dim)");
+      }
+    }
+    const int64_t nq = (nh_ + 2 * nkv_) * hd_;
+    x_.resize(B * d_);
+    xn_.resize(B * d_);
+    qkv_.resize(B * nq);
+    att_.resize(B * nh_ * hd_);
+    gu_.resize(B * 2 * ff_);
+    tmp_.resize(B * std::max(d_, ff_));
+    if (static_cast<int64_t>(scores_.size()) < B * nh_ * longest) scores_.resize(B * nh_ * longest * 2);
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(x_.data() + b * d_, emb_.data_ptr<float>() + tokens[b] * d_, d_ * sizeof(float));
+    for (int64_t i = 0; i < L; ++i) {
+      const Layer& l = layers_[i];
+      for (int64_t b = 0; b < B; ++b) rmsnorm(x_.data() + b * d_, l.attn_norm.data_ptr<float>(), xn_.data() + b * d_);
+      l.qkv.apply(*pool_, xn_.data(), qkv_.data(), B);
+      const int64_t cap = keys[i].size(2);
+      float* kc = keys[i].data_ptr<float>();
+      float* vc = values[i].data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t pos = positions[b];
+        const float* cos = cos_.data_ptr<float>() + pos * hd_;
+        const float* sin = sin_.data_ptr<float>() + pos * hd_;
+        float* q = qkv_.data() + b * nq;
+        float* k = q + nh_ * hd_;
+        float* v = k + nkv_ * hd_;
+        for (int64_t h = 0; h < nh_; ++h) rope(q + h * hd_, cos, sin);
+        for (int64_t h = 0; h < nkv_; ++h) rope(k + h * hd_, cos, sin);
+        float* kb = kc + cache_rows[b] * nkv_ * cap * hd_;
+        float* vb = vc + cache_rows[b] * nkv_ * cap * hd_;
+        for (int64_t h = 0; h < nkv_; ++h) {
+          std::memcpy(kb + (h * cap + pos) * hd_, k + h * hd_, hd_ * sizeof(float));
+          std::memcpy(vb + (h * cap + pos) * hd_, v + h * hd_, hd_ * sizeof(float));
+        }
+      }
+      attend(kc, vc, cap, positions, cache_rows, nq, longest);
+      l.o.apply(*pool_, att_.data(), tmp_.data(), B);
+      for (int64_t j = 0; j < B * d_; ++j) x_[j] += tmp_[j];
+      for (int64_t b = 0; b < B; ++b) rmsnorm(x_.data() + b * d_, l.mlp_norm.data_ptr<float>(), xn_.data() + b * d_);
+      l.gate_up.apply(*pool_, xn_.data(), gu_.data(), B);
+      for (int64_t b = 0; b < B; ++b) {  // SwiGLU: silu(gate) * up
+        const float* gu = gu_.data() + b * 2 * ff_;
+        float* act = tmp_.data() + b * ff_;
+        for (int64_t j = 0; j < ff_; ++j) act[j] = gu[j] / (1.0f + std::exp(-gu[j])) * gu[ff_ + j];
+      }
+      l.down.apply(*pool_, tmp_.data(), xn_.data(), B);
+      for (int64_t j = 0; j < B * d_; ++j) x_[j] += xn_[j];
+    }
+    for (int64_t b = 0; b < B; ++b) rmsnorm(x_.data() + b * d_, final_norm_.data_ptr<float>(), xn_.data() + b * d_);
+    torch::Tensor logits = torch::empty({B, 1, vocab_}, torch::kFloat);
+    head_.apply(*pool_, xn_.data(), logits.data_ptr<float>(), B);
+    return logits;
+  }
+
+  int64_t n_layer() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  void rmsnorm(const float* x, const float* w, float* y) const {
+    double ss = 0.0;
+    for (int64_t j = 0; j < d_; ++j) ss += static_cast<double>(x[j]) * x[j];
+    const float r = 1.0f / std::sqrt(static_cast<float>(ss / d_) + eps_);
+    for (int64_t j = 0; j < d_; ++j) y[j] = x[j] * r * w[j];
+  }
+
+  // x * cos + rotate_half(x) * sin, sin's first half already negated (the model's tables)
+  void rope(float* x, const float* cos, const float* sin) const {
+    const int64_t half = hd_ / 2;
+    float rot[512];
+    float* buf = rot;
+    for (int64_t j = 0; j < hd_; ++j) buf[j] = x[(j + half) % hd_];
+    for (int64_t j = 0; j < hd_; ++j) x[j] = x[j] * cos[j] + buf[j] * sin[j];
+  }
+
+  // One query per head and row over that row's positions 0..pos; softmax in fp32.
+  void attend(const float* kc, const float* vc, int64_t cap, const std::vector<int64_t>& positions,
+              const std::vector<int64_t>& cache_rows, int64_t nq, int64_t longest) {
+    const int64_t group = nh_ / nkv_;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
+    const int64_t B = static_cast<int64_t>(positions.size());
+    int64_t work = 0;
+    for (int64_t p : positions) work += (p + 1) * hd_;
+    auto head = [&](int64_t item) {
+      const int64_t b = item / nh_, h = item % nh_;
+      const int64_t n = positions[b] + 1;
+      const float* qh = qkv_.data() + b * nq + h * hd_;
+      const float* kh = kc + (cache_rows[b] * nkv_ + h / group) * cap * hd_;
+      const float* vh = vc + (cache_rows[b] * nkv_ + h / group) * cap * hd_;
+      float* s = scores_.data() + item * longest;
+      float m = -INFINITY;
+      for (int64_t t = 0; t < n; ++t) {
+        s[t] = dot(qh, kh + t * hd_, hd_) * scale;
+        m = std::max(m, s[t]);
+      }
+      float sum = 0.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        s[t] = std::exp(s[t] - m);
+        sum += s[t];
+      }
+      float* out = att_.data() + item * hd_;
+      std::fill(out, out + hd_, 0.0f);
+      const float inv = 1.0f / sum;
+      for (int64_t t = 0; t < n; ++t) axpy(s[t] * inv, vh + t * hd_, out, hd_);
+    };
+    if (work >= 4096) {
+      pool_->run(B * nh_, head);
+    } else {
+      for (int64_t item = 0; item < B * nh_; ++item) head(item);
+    }
+  }
+
+  int64_t nh_, nkv_, hd_, ff_, d_ = 0, vocab_ = 0;
+  float eps_;
+  torch::Tensor emb_, final_norm_, cos_, sin_;
+  Mat head_;
+  std::vector<Layer> layers_;
+  std::vector<float> x_, xn_, qkv_, att_, gu_, tmp_, scores_;
+  std::mutex mu_;
+  std::unique_ptr<Pool> pool_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, Opt, torch::Tensor, torch::Tensor,
+                    int64_t, int64_t, int64_t, int64_t, double>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("n_layer", &Decoder::n_layer);
+}

