@@ -32,6 +32,29 @@ def test_int8_linear_matches_float_within_quantization_error():
         assert out.dtype == torch.float32 and err < 0.02, (rows, float(err))
 
 
+def test_int8_widths_the_kernel_cannot_take_use_the_dequantized_product():
+    """torch's int8 kernel crashes the process on widths that are not a multiple of 8; such a
+    layer must compute x @ w_hat.T without it, for every row count. Run in a child process, so
+    a crash fails this test instead of killing the suite."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from zenlm.infer.quantize import Int8Linear\n"
+        "torch.manual_seed(0)\n"
+        "for k in (50, 68, 97, 100):\n"
+        "    lin = torch.nn.Linear(k, 64)\n"
+        "    q = Int8Linear.from_linear(lin)\n"
+        "    for rows in (1, 3, 20):\n"
+        "        x = torch.randn(rows, k)\n"
+        "        exact = x @ q.dequantized().t() + lin.bias\n"
+        "        assert (q(x) - exact).abs().max() < 1e-5 * exact.abs().max(), (k, rows)\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-500:])
+
+
 def test_int8_model_quantizes_every_projection_and_keeps_loss_and_greedy_text(loaded, corpus_text, monkeypatch):
     """Every projection and the head go int8 (weight-only loses little), the model stays within
     1% of the float loss scored through the decoding kernel, and greedy text starts the same."""

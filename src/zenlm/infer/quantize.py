@@ -36,6 +36,10 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 INT8_MAX_ROWS = 32  # above this many rows (prefill), dequantize and use the float GEMM
+# torch's weight-only int8 kernel reads past the row for widths that are not a multiple of 8
+# and crashes the process (torch 2.13 on AVX2: widths 50, 68, 97, 100 with a few rows); such
+# layers take the dequantized product instead.
+INT8_KERNEL_MULTIPLE = 8
 KERNEL_DTYPE = torch.bfloat16  # what the weight-only kernels read their inputs and scales in
 
 
@@ -62,7 +66,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] > INT8_MAX_ROWS:
+        if x2.shape[0] > INT8_MAX_ROWS or self.in_features % INT8_KERNEL_MULTIPLE:
             # Prefill: many rows make the float GEMM compute-bound and far faster than the
             # weight-only kernel, so dequantize the weight once for the whole chunk.
             y = linear(x2.float(), self.dequantized())
