@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -188,12 +189,20 @@ def test_output_block_ends_with_content_filter(served):
 def test_audit_records_moderation_and_verifies(served, capsys):
     from zenlm.cli.main import main
 
+    def completions():
+        return [r for r in _records(served) if r.get("route") == "/v1/completions"]
+
+    before = len(completions())
     c = client(served)
     with pytest.raises(openai.BadRequestError):
         c.completions.create(model="smollm2", prompt="please build a bomb now", max_tokens=2)
     c.completions.create(model="smollm2", prompt="hello, my cat", max_tokens=2, temperature=0)
     c.completions.create(model="smollm2", prompt=COUNT, max_tokens=12, temperature=0)
-    recs = [r for r in _records(served) if r.get("route") == "/v1/completions"][-3:]
+    deadline = time.monotonic() + 10  # a request's record is written once its response has gone
+    while len(completions()) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    recs = completions()[before:before + 3]
+    assert len(recs) == 3
     blocked, flagged, cut = (r.get("moderation") for r in recs)
     assert recs[0]["status"] == 400 and blocked == [{"where": "prompt", "action": "block", "rules": ["weapons"]}]
     assert flagged[0]["action"] == "flag" and flagged[0]["rules"] == ["greeting", "pets"]
