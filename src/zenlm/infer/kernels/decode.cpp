@@ -65,6 +65,10 @@ inline __m256 widen8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+// Eight weights as fp32, whatever the matrix holds: the one load the dot products need.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) { return widen8(p); }
+
 
 // Work shared over threads without a fork-join barrier: a phase is a count of items that
 // every thread (the caller included) claims one at a time from one atomic word, and the
@@ -152,6 +156,41 @@ class Pool {
   bool stop_ = false;
 };
 
+// Rows [r0, r1) of y = W x for a (n, k) matrix of fp32 or int8 elements (int8: before its
+// scales). Four consecutive rows at a time: one contiguous stream of memory and four
+// independent accumulators, x read once for all four.
+template <typename T>
+void dot_rows(const T* wt, int64_t k, const float* x, float* y, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const T* w0 = wt + r * k;
+    const T *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+      __m256 xv = _mm256_loadu_ps(x + j);
+      a0 = _mm256_fmadd_ps(load8(w0 + j), xv, a0);
+      a1 = _mm256_fmadd_ps(load8(w1 + j), xv, a1);
+      a2 = _mm256_fmadd_ps(load8(w2 + j), xv, a2);
+      a3 = _mm256_fmadd_ps(load8(w3 + j), xv, a3);
+    }
+    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+    for (; j < k; ++j) {
+      s0 += w0[j] * x[j]; s1 += w1[j] * x[j]; s2 += w2[j] * x[j]; s3 += w3[j] * x[j];
+    }
+    y[r] = s0; y[r + 1] = s1; y[r + 2] = s2; y[r + 3] = s3;
+  }
+  for (; r < r1; ++r) {  // one accumulator, as above: a row sums alike wherever it falls
+    const T* w = wt + r * k;
+    __m256 a = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) a = _mm256_fmadd_ps(load8(w + j), _mm256_loadu_ps(x + j), a);
+    float s = hsum(a);
+    for (; j < k; ++j) s += w[j] * x[j];
+    y[r] = s;
+  }
+}
+
 // A weight matrix (n, k) as the model holds it: fp32 rows, or int8 rows times scale[row].
 struct Mat {
   torch::Tensor keep_w, keep_s, keep_b;  // owners of the pointers below
@@ -161,72 +200,13 @@ struct Mat {
   const float* bias = nullptr;
   int64_t n = 0, k = 0;
 
-  // Rows [r0, r1) of y = W x (+ bias). Four consecutive rows at a time: one contiguous stream
-  // of memory and four independent accumulators, x read once for all four.
-  void rows_f32(const float* x, float* y, int64_t r0, int64_t r1) const {
-    int64_t r = r0;
-    for (; r + 4 <= r1; r += 4) {
-      const float* w0 = wf + r * k;
-      const float *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      int64_t j = 0;
-      for (; j + 8 <= k; j += 8) {
-        __m256 xv = _mm256_loadu_ps(x + j);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), xv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), xv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j), xv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j), xv, a3);
-      }
-      float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-      for (; j < k; ++j) {
-        s0 += w0[j] * x[j]; s1 += w1[j] * x[j]; s2 += w2[j] * x[j]; s3 += w3[j] * x[j];
-      }
-      y[r] = s0; y[r + 1] = s1; y[r + 2] = s2; y[r + 3] = s3;
-    }
-    for (; r < r1; ++r) {  // one accumulator, as above: a row sums alike wherever it falls
-      const float* w = wf + r * k;
-      __m256 a = _mm256_setzero_ps();
-      int64_t j = 0;
-      for (; j + 8 <= k; j += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a);
-      float s = hsum(a);
-      for (; j < k; ++j) s += w[j] * x[j];
-      y[r] = s;
-    }
-  }
-
-  void rows_i8(const float* x, float* y, int64_t r0, int64_t r1) const {
-    int64_t r = r0;
-    for (; r + 4 <= r1; r += 4) {
-      const int8_t* w0 = wq + r * k;
-      const int8_t *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      int64_t j = 0;
-      for (; j + 8 <= k; j += 8) {
-        __m256 xv = _mm256_loadu_ps(x + j);
-        a0 = _mm256_fmadd_ps(widen8(w0 + j), xv, a0);
-        a1 = _mm256_fmadd_ps(widen8(w1 + j), xv, a1);
-        a2 = _mm256_fmadd_ps(widen8(w2 + j), xv, a2);
-        a3 = _mm256_fmadd_ps(widen8(w3 + j), xv, a3);
-      }
-      float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-      for (; j < k; ++j) {
-        s0 += w0[j] * x[j]; s1 += w1[j] * x[j]; s2 += w2[j] * x[j]; s3 += w3[j] * x[j];
-      }
-      y[r] = s0 * scale[r]; y[r + 1] = s1 * scale[r + 1]; y[r + 2] = s2 * scale[r + 2]; y[r + 3] = s3 * scale[r + 3];
-    }
-    for (; r < r1; ++r) {
-      const int8_t* w = wq + r * k;
-      __m256 a = _mm256_setzero_ps();
-      int64_t j = 0;
-      for (; j + 8 <= k; j += 8) a = _mm256_fmadd_ps(widen8(w + j), _mm256_loadu_ps(x + j), a);
-      float s = hsum(a);
-      for (; j < k; ++j) s += w[j] * x[j];
-      y[r] = s * scale[r];
-    }
-  }
-
   void rows(const float* x, float* y, int64_t r0, int64_t r1) const {
-    if (wq) rows_i8(x, y, r0, r1); else rows_f32(x, y, r0, r1);
+    if (wq) {
+      dot_rows(wq, k, x, y, r0, r1);
+      for (int64_t r = r0; r < r1; ++r) y[r] *= scale[r];
+    } else {
+      dot_rows(wf, k, x, y, r0, r1);
+    }
     if (bias) for (int64_t r = r0; r < r1; ++r) y[r] += bias[r];
   }
 
