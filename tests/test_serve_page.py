@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 
 import pytest
@@ -48,6 +49,27 @@ def browser():
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     yield driver
     driver.quit()
+
+
+class HeldDecode:
+    """Holds ``engine``'s decode steps until ``release()``: ``reached`` is set once the engine
+    thread waits there with a row to decode (its prefill has emitted the first token)."""
+
+    def __init__(self, engine):
+        self.engine, self.reached, self.go = engine, threading.Event(), threading.Event()
+        inner = engine._decode
+
+        def held():
+            if not self.go.is_set() and any(r is not None and r.pending is not None for r in engine._rows):
+                self.reached.set()
+                self.go.wait(60)
+            inner()
+
+        engine._decode = held
+
+    def release(self) -> None:
+        self.go.set()
+        del self.engine._decode  # back to the class's own method
 
 
 def until(pred, timeout=60.0, every=0.05):
@@ -100,19 +122,26 @@ def test_chat_page(served, browser):
     records = [json.loads(ln) for ln in audit.splitlines() if b'"/v1/chat/completions"' in ln]
     assert "You are a helpful assistant named Zed." in records[-1]["prompt"]  # the system prompt was sent
 
-    # a long reply, stopped while it streams: the text stops growing and the row is freed
+    # a long reply, stopped while it streams: the text stops growing and the row is freed. The
+    # engine is held after its first token, so the row is still running when Stop is pressed
+    # whatever the model would have said next (a short natural reply would end it first).
+    engine = served.state.engine
+    gate = HeldDecode(engine)
     find(By.ID, "max-tokens").clear()
     find(By.ID, "max-tokens").send_keys("400")
     find(By.ID, "input").send_keys("Count from 1 to 500, one number per line.")
-    find(By.ID, "send").click()
-    engine = served.state.engine
-    assert until(lambda: len(reply()) == 2 and len(reply()[-1].text) > 10, 60)
-    assert engine.running == 1
-    find(By.ID, "stop").click()
+    try:
+        find(By.ID, "send").click()
+        assert gate.reached.wait(60), "the engine never reached its decode step"
+        assert until(lambda: len(reply()) == 2 and reply()[-1].get_attribute("textContent"), 30)
+        assert engine.running == 1
+        find(By.ID, "stop").click()
+        out = reply()[-1]
+        assert until(lambda: "stopped" in out.get_attribute("class"), 5)
+    finally:
+        gate.release()
     t0 = time.time()
     assert until(lambda: engine.running == 0, 1.0), f"row still running {time.time() - t0:.2f}s after stop"
-    out = reply()[-1]
-    assert until(lambda: "stopped" in out.get_attribute("class"), 5)
     frozen = out.get_attribute("textContent")
     time.sleep(0.5)
     assert out.get_attribute("textContent") == frozen
