@@ -79,6 +79,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--sentences", type=int, default=64, help="sources decoded with beam 5")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time zenlm under torch.compile (dynamic shapes), as train.compile does")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps: checks that it runs")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
@@ -148,13 +150,21 @@ def main() -> int:
     res = {"shape": {"layers": f"{args.layers}+{args.layers}", "d_model": args.d_model, "heads": args.heads,
                      "vocab": vocab, "params": ours.num_params(), "batch_tokens": args.batch_tokens},
            "threads": torch.get_num_threads(), "data": args.data or "random tokens", "max_logit_diff": float(diff)}
-    rates = time_training({
-        "zenlm": trainer(ours, lambda s, m, t: ours(s, m, t)),
-        "transformers": trainer(theirs, lambda s, m, t: theirs(input_ids=s, attention_mask=m,
-                                                                decoder_input_ids=t).logits)},
-        batches, args.warmup)
-    res["train_tok_per_s_zenlm"], res["train_tok_per_s_transformers"] = rates["zenlm"], rates["transformers"]
+    steps = {"zenlm": trainer(ours, lambda s, m, t: ours(s, m, t)),
+             "transformers": trainer(theirs, lambda s, m, t: theirs(input_ids=s, attention_mask=m,
+                                                                     decoder_input_ids=t).logits)}
+    if args.compile:  # a copy of the same weights, so the eager contestant is untouched
+        import copy
+
+        twin = copy.deepcopy(ours)
+        compiled = torch.compile(twin, dynamic=True)
+        steps["zenlm-compiled"] = trainer(twin, lambda s, m, t: compiled(s, m, t))
+    rates = time_training(steps, batches, args.warmup)
+    for name, rate in rates.items():
+        res[f"train_tok_per_s_{name}"] = rate
     res["train_speedup"] = res["train_tok_per_s_zenlm"] / res["train_tok_per_s_transformers"]
+    if args.compile:
+        res["train_speedup_compiled"] = res["train_tok_per_s_zenlm-compiled"] / res["train_tok_per_s_transformers"]
 
     # beam-5 decoding of the same sources (the first sentences of the batches)
     ours.eval()

@@ -40,6 +40,29 @@ def test_cached_decoding_equals_the_full_forward_at_every_step(norm_position):
         assert cache.cross[0][0].shape[2] == src.shape[1]
 
 
+def test_beams_read_their_source_once_as_if_it_were_repeated():
+    """Decoder rows grouped by source (beam search's layout) read each source's cross-attention
+    keys once; the logits equal those of the memory repeated per row, and a reorder within
+    the groups leaves the per-source keys alone."""
+    model = random_seq2seq(V)
+    _, src, mask = _sources()
+    k = 3
+    tgt = torch.randint(2, V, (src.shape[0] * k, 4))
+    with torch.no_grad():
+        memory = model.encode(src, mask)
+        grouped, repeated = model.new_cache(len(tgt), 8), model.new_cache(len(tgt), 8)
+        a = model.decode(tgt[:, :2], memory, mask, grouped)
+        b = model.decode(tgt[:, :2], memory.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), repeated)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert grouped.cross[0][0].shape[0] == src.shape[0] and repeated.cross[0][0].shape[0] == len(tgt)
+        rows = torch.tensor([r // k * k + (r + 1) % k for r in range(len(tgt))])  # shuffled within sources
+        grouped.reorder(rows)
+        repeated.reorder(rows)
+        a = model.decode(tgt[rows, 2:], memory, mask, grouped)
+        b = model.decode(tgt[rows, 2:], None, mask.repeat_interleave(k, 0), repeated)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_padding_of_the_source_changes_nothing():
     model = random_seq2seq(V)
     rows, src, mask = _sources()

@@ -51,18 +51,15 @@ def gnmt_penalty(length: torch.Tensor | int, alpha: float) -> torch.Tensor | flo
 class DecoderStep:
     """Encode ``src`` once; each call feeds one token per row and returns log-probs (N, V).
 
-    ``rows_per_source`` > 1 (beam search) repeats each source's encoding that many times,
-    rows of one source next to each other."""
+    ``rows_per_source`` > 1 (beam search): that many decoder rows per source, rows of one
+    source next to each other. The encoding is not repeated: cross-attention reads each
+    source's keys and values once for all its rows (``Attention._grouped_cross``)."""
 
     def __init__(self, model, src: torch.Tensor, src_mask: torch.Tensor, max_len: int, *,
                  rows_per_source: int = 1, pad_id: int | None = None):
         self.model = model
-        memory = model.encode(src, src_mask)
-        if rows_per_source > 1:
-            memory = memory.repeat_interleave(rows_per_source, 0)
-            src_mask = src_mask.repeat_interleave(rows_per_source, 0)
-        self.memory, self.src_mask = memory, src_mask
-        self.cache = model.new_cache(memory.shape[0], max_len)
+        self.memory, self.src_mask = model.encode(src, src_mask), src_mask
+        self.cache = model.new_cache(src.shape[0] * rows_per_source, max_len)
         self.pad_id = pad_id
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:

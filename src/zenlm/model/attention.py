@@ -119,6 +119,9 @@ class Attention(nn.Module):
         # whole cache; a chunk appended to a cache needs an explicit mask (passed in).
         # (t > 1 first: under torch.compile a one-token step then never looks at the dynamic past)
         is_causal = self.causal and attn_mask is None and t > 1 and past == 0
+        group = b // k.shape[0]  # cross-attention rows sharing one source (beam search)
+        if group > 1:
+            return self._grouped_cross(q, k, v, attn_mask, group, x.dtype)
         if self.capture is not None:
             self.capture(q, k, attn_mask, is_causal)
         y = F.scaled_dot_product_attention(
@@ -126,6 +129,24 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(b, t, nh * hd).to(x.dtype)
+        return self.o_proj(y)
+
+    def _grouped_cross(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       attn_mask: torch.Tensor | None, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """Cross-attention where each ``group`` consecutive query rows read one source (the
+        beams of a sentence): their queries become more query positions of that source's row,
+        so its keys and values are stored, read and (never) reordered once, not once per beam.
+        Cross-attention has no causality, so extra query positions change nothing else."""
+        b, nh, t, hd = q.shape
+        src = b // group
+        if self.capture is not None:
+            raise ValueError("attention capture reads one row per source: capture with beam 1")
+        q = q.view(src, group, nh, t, hd).transpose(1, 2).reshape(src, nh, group * t, hd)
+        if attn_mask is not None and attn_mask.shape[0] == b:
+            attn_mask = attn_mask[::group]  # the group's rows share one source's padding
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        y = y.view(src, nh, group, t, hd).permute(0, 2, 3, 1, 4).reshape(b, t, nh * hd).to(dtype)
         return self.o_proj(y)
 
     def _memory_kv(self, kv: torch.Tensor | None, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,13 +132,16 @@ class KVCache:
     def reorder(self, rows: torch.Tensor) -> None:
         """Row ``i`` becomes old row ``rows[i]`` (beam search keeps the best continuations,
         which may descend from the same hypothesis): self-attention positions so far and the
-        cross-attention keys/values alike."""
+        cross-attention keys/values alike. Cross-attention kept once per source for a group of
+        rows (fewer rows than the cache: beam search's beams) stays as it is: the rows of a
+        group must then come from that group, as beams always do."""
         for keys, values in self.layers:
             past = keys.narrow(2, 0, self.pos)
             past.copy_(past.index_select(0, rows))
             past = values.narrow(2, 0, self.pos)
             past.copy_(past.index_select(0, rows))
-        self.cross = {i: (k.index_select(0, rows), v.index_select(0, rows)) for i, (k, v) in self.cross.items()}
+        self.cross = {i: (k.index_select(0, rows), v.index_select(0, rows)) if k.shape[0] == len(rows) else (k, v)
+                      for i, (k, v) in self.cross.items()}
 
     def reset(self) -> None:
         self.pos = 0
