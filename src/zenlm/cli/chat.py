@@ -44,8 +44,16 @@ def _keep_moderated(session, moderated):
 
 
 def run(args) -> int:
+    import signal
+    import threading
+
     from zenlm.errors import PromptTooLongError
     from zenlm.infer.chat import ChatSession
+
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C must stop a reply even when a shell started us as a background job: such a
+        # shell ignores SIGINT for its children, and Python then leaves it ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     policy = load_policy(args.policy)
     loaded = load_for_text(args.model, args.dtype, args.quantize, args.compile, args.key_file)

@@ -3,9 +3,11 @@ self-attention, or (``cross=True``) cross-attention to another sequence (an enco
 
 The one attention of zenlm. Every family goes through
 :func:`torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel where the
-hardware has one. q, k and v come from one :class:`~zenlm.model.projections.Projections`: separate
-``q_proj``/``k_proj``/``v_proj`` layers, named as Hugging Face names them (checkpoint interop and
-LoRA on q/k/v are direct), or, once fused for inference, one ``qkv_proj`` matrix and one product.
+hardware has one (through :func:`~zenlm.model.attend.attend`, which takes a plain path for the
+few queries of a decoding step on the CPU). q, k and v come from one
+:class:`~zenlm.model.projections.Projections`: separate ``q_proj``/``k_proj``/``v_proj`` layers,
+named as Hugging Face names them (checkpoint interop and LoRA on q/k/v are direct), or, once
+fused for inference, one ``qkv_proj`` matrix and one product.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zenlm.config import TransformerConfig
+from zenlm.model.attend import attend
 from zenlm.model.kv_cache import KVCache
 from zenlm.model.linear import Linear
 from zenlm.model.projections import Projections
@@ -124,10 +126,9 @@ class Attention(nn.Module):
             return self._grouped_cross(q, k, v, attn_mask, group, x.dtype)
         if self.capture is not None:
             self.capture(q, k, attn_mask, is_causal)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head)
+        y = attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                   dropout_p=self.dropout if self.training else 0.0,
+                   enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(b, t, nh * hd).to(x.dtype)
         return self.o_proj(y)
 
@@ -144,8 +145,7 @@ class Attention(nn.Module):
         q = q.view(src, group, nh, t, hd).transpose(1, 2).reshape(src, nh, group * t, hd)
         if attn_mask is not None and attn_mask.shape[0] == b:
             attn_mask = attn_mask[::group]  # the group's rows share one source's padding
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        y = attend(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)
         y = y.view(src, nh, group, t, hd).permute(0, 2, 3, 1, 4).reshape(b, t, nh * hd).to(dtype)
         return self.o_proj(y)
 
