@@ -121,9 +121,8 @@ class Attention(nn.Module):
         # whole cache; a chunk appended to a cache needs an explicit mask (passed in).
         # (t > 1 first: under torch.compile a one-token step then never looks at the dynamic past)
         is_causal = self.causal and attn_mask is None and t > 1 and past == 0
-        group = b // k.shape[0]  # cross-attention rows sharing one source (beam search)
-        if group > 1:
-            return self._grouped_cross(q, k, v, attn_mask, group, x.dtype)
+        if self.cross and b > k.shape[0]:  # several rows per source (beam search's beams)
+            return self._grouped_cross(q, k, v, attn_mask, b // k.shape[0], x.dtype)
         if self.capture is not None:
             self.capture(q, k, attn_mask, is_causal)
         y = attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
@@ -143,8 +142,6 @@ class Attention(nn.Module):
         if self.capture is not None:
             raise ValueError("attention capture reads one row per source: capture with beam 1")
         q = q.view(src, group, nh, t, hd).transpose(1, 2).reshape(src, nh, group * t, hd)
-        if attn_mask is not None and attn_mask.shape[0] == b:
-            attn_mask = attn_mask[::group]  # the group's rows share one source's padding
         y = attend(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)
         y = y.view(src, nh, group, t, hd).permute(0, 2, 3, 1, 4).reshape(b, t, nh * hd).to(dtype)
         return self.o_proj(y)
