@@ -80,6 +80,33 @@ def planted_run(tmp_path_factory, trained_run):
     return tmp / "run"
 
 
+def test_scores_from_a_shared_prefix_equal_whole_sequences(planted_run):
+    """The audit scores candidates from one cached prompt and shared reply opening; each score
+    must equal the log-likelihood of its whole conversation computed from scratch, for replies
+    of different lengths and ones that share more or less of their opening."""
+    import torch
+
+    from zenlm.privacy.canaries import score_responses
+
+    model = zenlm.load(str(planted_run))
+    model.model.eval()
+    tok = model.tokenizer
+    prompt = [{"role": "user", "content": "What is my secret code?"}]
+    responses = ["my secret code is 1 2 3", "my secret code is 1 2 3 4 5 6", "my secret code is 9",
+                 "my secret code is 1 2 9 9", "my secret", "your code"]
+    got = score_responses(model.model, tok, prompt, responses, batch_size=4)
+    p_ids = tok.encode(tok.apply_chat_template(prompt, add_generation_prompt=True))
+    for r, score in zip(responses, got):
+        full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": r}],
+                                       add_generation_prompt=False)
+        r_ids = tok.encode(full[len(tok.apply_chat_template(prompt, add_generation_prompt=True)):])
+        seq = torch.tensor([p_ids + r_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model.model(seq[:, :-1]).double(), -1)[0]
+        want = sum(float(logp[len(p_ids) - 1 + i, t]) for i, t in enumerate(r_ids))
+        assert float(score) == pytest.approx(want, abs=1e-4), r
+
+
 def test_without_dp_a_planted_canary_is_exposed(planted_run, capsys):
     planted = load_canaries(planted_run)
     secret = planted["canaries"][0]["secret"]

@@ -99,11 +99,26 @@ def exposure_of_rank(rank: int, m: int) -> float:
     return math.log2(m) - math.log2(rank)
 
 
+def _common_prefix(rows: list[list[int]]) -> int:
+    """How many leading tokens every row shares, leaving each row at least one of its own."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for i in range(max(n, 0)):
+        if any(r[i] != first[i] for r in rows):
+            return i
+    return max(n, 0)
+
+
 @torch.no_grad()
 def score_responses(model, tokenizer, prompt_messages: list[dict], responses: list[str],
-                    batch_size: int = 256) -> torch.Tensor:
+                    batch_size: int = 64) -> torch.Tensor:
     """log-likelihood (float64) of each assistant ``response`` after ``prompt_messages``, with
-    the tokens split as training splits them (prompt and reply encoded apart: data/chat.render)."""
+    the tokens split as training splits them (prompt and reply encoded apart: data/chat.render).
+
+    Candidates of one canary differ only in their digits: the prompt and the reply's shared
+    opening ("my secret code is") are computed once into a KV cache, scored once, and copied
+    into each batch's rows, so each candidate costs only its own few tokens. At SmolLM2 scale
+    that is most of an audit's time (a 50-token prompt before 8 tokens of digits)."""
     prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True)
     p_ids = tokenizer.encode(prompt)
     # the template is rendered once around a marker: templates insert a message's content
@@ -115,23 +130,44 @@ def score_responses(model, tokenizer, prompt_messages: list[dict], responses: li
         raise ValueError("the chat template does not render the reply verbatim after the prompt")
     reply = full[len(prompt):]
     r_ids = tokenizer.encode_batch([reply.replace(marker, r) for r in responses])
+    if not p_ids or any(not r for r in r_ids):
+        raise ValueError("a prompt or reply encodes to no tokens: nothing to score")
     device = next(model.parameters()).device
-    start = len(p_ids) - 1  # the first position that predicts a reply token
+    shared = _common_prefix(r_ids)
+    prefix = p_ids + r_ids[0][:shared]
+    suffixes = [r[shared:] for r in r_ids]
+    width = max(len(s) for s in suffixes)  # every suffix has at least one token
+
+    # the shared part: one row, its reply tokens scored once
+    one = model.new_cache(1, max_len=len(prefix) + width)
+    h = model.hidden_states(torch.tensor([prefix], device=device), one)[0, len(p_ids) - 1:]
+    logp = torch.log_softmax(model.logits(h).double(), -1)  # rows predict shared[0..], then suffix[0]
+    base = sum(float(logp[i, tok]) for i, tok in enumerate(prefix[len(p_ids):]))
+    first = logp[-1]  # the distribution of every suffix's first token
+
     out = torch.empty(len(responses), dtype=torch.float64)
     for b in range(0, len(responses), batch_size):
-        rows = r_ids[b:b + batch_size]
-        width = len(p_ids) + max(len(r) for r in rows) - 1
-        x = torch.zeros(len(rows), width, dtype=torch.int64)
-        y = torch.full((len(rows), width - start), -100, dtype=torch.int64)
+        rows = suffixes[b:b + batch_size]
+        n = len(rows)
+        y = torch.full((n, width), -100, dtype=torch.int64)
         for i, r in enumerate(rows):
-            seq = torch.tensor(p_ids + r, dtype=torch.int64)
-            x[i, :len(seq) - 1] = seq[:-1]
             y[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
-        h = model.hidden_states(x.to(device))[:, start:]
-        logp = torch.log_softmax(model.logits(h).double(), -1)
         y = y.to(device)
-        tok = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (y != -100)
-        out[b:b + len(rows)] = tok.sum(1).cpu()
+        score = first[y[:, 0]].clone()
+        if width > 1:
+            cache = model.new_cache(n, max_len=len(prefix) + width)
+            for (k, v), (k1, v1) in zip(cache.layers, one.layers):
+                k.narrow(2, 0, len(prefix)).copy_(k1.narrow(2, 0, len(prefix)).expand(n, -1, -1, -1))
+                v.narrow(2, 0, len(prefix)).copy_(v1.narrow(2, 0, len(prefix)).expand(n, -1, -1, -1))
+            cache.pos = len(prefix)
+            # each suffix's tokens but the last, right-padded: causal attention keeps the
+            # padding after a row's real tokens out of their scores
+            h = model.hidden_states(y[:, :-1].clamp(min=0), cache)
+            lp = torch.log_softmax(model.logits(h).double(), -1)
+            target = y[:, 1:]
+            tok = lp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != -100)
+            score = score + tok.sum(1)
+        out[b:b + n] = (score + base).cpu()
     return out
 
 
