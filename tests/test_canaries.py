@@ -107,6 +107,28 @@ def test_scores_from_a_shared_prefix_equal_whole_sequences(planted_run):
         assert float(score) == pytest.approx(want, abs=1e-4), r
 
 
+def test_canaries_are_ranked_against_one_pool_that_holds_none_of_them(planted_run):
+    """An audit scores one pool of random secrets for all its canaries: the planted secret
+    ranks near the top of it, an unplanted one of the same format does not, and the pool holds
+    neither (a planted secret among another's candidates would count against it)."""
+    from zenlm.privacy.canaries import candidate_pool, exposures
+
+    model = zenlm.load(str(planted_run))
+    planted = load_canaries(planted_run)["canaries"][0]
+    rng = random.Random(1)
+    secret = planted["secret"]
+    while secret == planted["secret"]:
+        secret = " ".join(str(rng.randrange(10)) for _ in range(6))
+    other = {**planted, "secret": secret}
+    pool = candidate_pool(6, 10_000, {planted["secret"], other["secret"]})
+    assert len(set(pool)) == 10_000 and planted["secret"] not in pool and other["secret"] not in pool
+    got, alone = exposures(model.model, model.tokenizer, [planted, other]), \
+        exposures(model.model, model.tokenizer, [planted])
+    assert got[0]["candidates"] == got[1]["candidates"] == 10_001
+    assert got[0]["exposure"] > 8.0 > got[1]["exposure"]
+    assert abs(got[0]["rank"] - alone[0]["rank"]) <= 1  # the pools differ by the excluded secret at most
+
+
 def test_without_dp_a_planted_canary_is_exposed(planted_run, capsys):
     planted = load_canaries(planted_run)
     secret = planted["canaries"][0]["secret"]

@@ -171,27 +171,55 @@ def score_responses(model, tokenizer, prompt_messages: list[dict], responses: li
     return out
 
 
-def exposure(model, tokenizer, canary: dict, *, candidates: int = 10_000, seed: int = 0,
-             system: str | None = None, digits: int | None = None) -> dict:
-    """The canary's rank and exposure among ``candidates`` random secrets of its format."""
-    n_digits = digits or len(canary["secret"].split())
+def candidate_pool(n_digits: int, candidates: int, exclude: set[str], seed: int = 0) -> list[str]:
+    """``candidates`` distinct random secrets of ``n_digits`` digits, none of them in ``exclude``
+    (every planted secret: another canary that the model has learned must not count against
+    this one)."""
     space = 10 ** n_digits
-    if candidates > space - 1:
+    if candidates > space - len(exclude):
         raise ValueError(f"{candidates} candidates do not fit a space of {space} secrets")
-    rng = random.Random(f"candidates-{seed}-{canary['secret']}")
+    rng = random.Random(f"candidates-{seed}-{n_digits}")
     pool: set[str] = set()
     while len(pool) < candidates:
         s = random_secret(rng, n_digits)
-        if s != canary["secret"]:
+        if s not in exclude:
             pool.add(s)
-    secrets = [canary["secret"]] + sorted(pool)
-    prompt = conversation(canary, system=system)[:-1]
-    scores = score_responses(model, tokenizer, prompt, [TEMPLATE.format(secret=s) for s in secrets])
-    rank = 1 + int((scores[1:] > scores[0]).sum())
-    m = len(secrets)
-    return {"secret": canary["secret"], "rank": rank, "candidates": m,
-            "exposure": exposure_of_rank(rank, m), "log_likelihood": float(scores[0]),
-            "candidate_log_likelihood_median": float(scores[1:].median())}
+    return sorted(pool)
+
+
+def exposures(model, tokenizer, canaries: list[dict], *, candidates: int = 10_000, seed: int = 0,
+              system: str | None = None) -> list[dict]:
+    """Each canary's rank and exposure among ``candidates`` random secrets of its format.
+
+    The canaries of a run share one prompt and one format, so they are ranked against one
+    pool of random secrets, scored once: each rank is still that of a secret among a uniform
+    sample of the space, which is all the exposure estimate asks, and an audit of N canaries
+    costs about one canary's scoring instead of N."""
+    out: list[dict] = [{} for _ in canaries]
+    by_len: dict[int, list[int]] = {}
+    for i, c in enumerate(canaries):
+        by_len.setdefault(len(c["secret"].split()), []).append(i)
+    planted = {c["secret"] for c in canaries}
+    for n_digits, members in by_len.items():
+        pool = candidate_pool(n_digits, candidates, planted, seed)
+        secrets = [canaries[i]["secret"] for i in members] + pool
+        prompt = conversation(canaries[members[0]], system=system)[:-1]
+        scores = score_responses(model, tokenizer, prompt, [TEMPLATE.format(secret=s) for s in secrets])
+        own, others = scores[:len(members)], scores[len(members):]
+        median = float(others.median())
+        m = len(pool) + 1
+        for i, score in zip(members, own):
+            rank = 1 + int((others > score).sum())
+            out[i] = {"secret": canaries[i]["secret"], "rank": rank, "candidates": m,
+                      "exposure": exposure_of_rank(rank, m), "log_likelihood": float(score),
+                      "candidate_log_likelihood_median": median}
+    return out
+
+
+def exposure(model, tokenizer, canary: dict, *, candidates: int = 10_000, seed: int = 0,
+             system: str | None = None) -> dict:
+    """One canary's rank and exposure among ``candidates`` random secrets of its format."""
+    return exposures(model, tokenizer, [canary], candidates=candidates, seed=seed, system=system)[0]
 
 
 def audit(model, tokenizer, canaries: list[dict], *, candidates: int = 10_000, seed: int = 0,
@@ -200,8 +228,7 @@ def audit(model, tokenizer, canaries: list[dict], *, candidates: int = 10_000, s
     was = model.training
     model.eval()
     try:
-        rows = [exposure(model, tokenizer, c, candidates=candidates, seed=seed, system=system)
-                for c in canaries]
+        rows = exposures(model, tokenizer, canaries, candidates=candidates, seed=seed, system=system)
     finally:
         model.train(was)
     m = rows[0]["candidates"] if rows else candidates + 1
@@ -211,5 +238,6 @@ def audit(model, tokenizer, canaries: list[dict], *, candidates: int = 10_000, s
             "max_measurable": math.log2(m)}
 
 
-__all__ = ["make_canaries", "plant", "save_canaries", "load_canaries", "exposure", "audit",
+__all__ = ["make_canaries", "plant", "save_canaries", "load_canaries", "exposure", "exposures", "audit",
+           "candidate_pool",
            "chance_exposure", "exposure_of_rank", "score_responses", "conversation"]
