@@ -27,12 +27,26 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 
 import torch
 from torch import nn
 
 from zenlm.errors import ConfigError
 from zenlm.privacy.config import DPConfig
+
+
+@contextlib.contextmanager
+def _quiet_opacus():
+    """Silence two warnings every DP run would print and no user can act on: the PRV
+    accountant's RDP-based domain bound reaching its largest order (the bound only sizes PRV's
+    grid), and torch's note that a full backward hook fires on module outputs when the inputs
+    (frozen embeddings under LoRA) need no gradient, which is how Opacus's hooks are meant to
+    run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
 
 
 def poisson_sample(n: int, rate: float, gen: torch.Generator) -> torch.Tensor:
@@ -56,7 +70,8 @@ def epsilon_for(kind: str, sigma: float, rate: float, steps: int, delta: float) 
         return 0.0
     acc = make_accountant(kind)
     acc.history = [(sigma, rate, steps)]
-    return float(acc.get_epsilon(delta=delta))
+    with _quiet_opacus():
+        return float(acc.get_epsilon(delta=delta))
 
 
 def noise_for(kind: str, epsilon: float, delta: float, rate: float, steps: int) -> float:
@@ -64,8 +79,9 @@ def noise_for(kind: str, epsilon: float, delta: float, rate: float, steps: int) 
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                          sample_rate=rate, steps=steps, accountant=kind))
+        with _quiet_opacus():
+            return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                              sample_rate=rate, steps=steps, accountant=kind))
     except ValueError as exc:
         raise ConfigError(f"train.dp.epsilon={epsilon:g} cannot be reached in {steps} steps at "
                           f"sampling rate {rate:.3g}: {exc}") from None
@@ -196,7 +212,8 @@ class PrivateTraining:
             tokens += task.batch_tokens(batch)
             with autocast:
                 losses = task.example_losses(self.module, batch)
-            losses.sum().backward()
+            with _quiet_opacus():
+                losses.sum().backward()
             loss_sum += losses.detach().float().sum()
             self._clip_into(total, len(losses))
         for p, acc in zip(self.params, total):
