@@ -153,7 +153,7 @@ def score_responses(model, tokenizer, prompt_messages: list[dict], responses: li
         for i, r in enumerate(rows):
             y[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
         y = y.to(device)
-        score = first[y[:, 0]].clone()
+        score = first[y[:, 0]]
         if width > 1:
             cache = model.new_cache(n, max_len=len(prefix) + width)
             for (k, v), (k1, v1) in zip(cache.layers, one.layers):
