@@ -33,9 +33,10 @@ def test_int8_linear_matches_float_within_quantization_error():
 
 
 def test_int8_widths_the_kernel_cannot_take_use_the_dequantized_product():
-    """torch's int8 kernel crashes the process on widths that are not a multiple of 8; such a
-    layer must compute x @ w_hat.T without it, for every row count. Run in a child process, so
-    a crash fails this test instead of killing the suite."""
+    """torch's int8 kernel crashes the process on widths that are not a multiple of 8 (AVX2)
+    or of 16 (AVX-512, two rows or more); such a layer must compute x @ w_hat.T without it, for
+    every row count. Run in a child process, so a crash fails this test instead of killing the
+    suite."""
     import subprocess
     import sys
 
@@ -43,10 +44,10 @@ def test_int8_widths_the_kernel_cannot_take_use_the_dequantized_product():
         "import torch\n"
         "from zenlm.infer.quantize import Int8Linear\n"
         "torch.manual_seed(0)\n"
-        "for k in (50, 68, 97, 100):\n"
+        "for k in (50, 68, 97, 100, 24, 200, 264):\n"
         "    lin = torch.nn.Linear(k, 64)\n"
         "    q = Int8Linear.from_linear(lin)\n"
-        "    for rows in (1, 3, 20):\n"
+        "    for rows in (1, 2, 3, 7, 20):\n"
         "        x = torch.randn(rows, k)\n"
         "        exact = x @ q.dequantized().t() + lin.bias\n"
         "        assert (q(x) - exact).abs().max() < 1e-5 * exact.abs().max(), (k, rows)\n"

@@ -14,6 +14,7 @@ import sqlite3
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import run_cli
@@ -304,6 +305,30 @@ def test_int8_scan_finds_what_the_float_scan_finds(corpus, embedder):
         a, b = exact.search(query, "dense", k=5), fast.search(query, "dense", k=5)
         assert [h.chunk_id for h in a] == [h.chunk_id for h in b]
         assert [h.score for h in b] == pytest.approx([h.score for h in a], abs=1e-6)  # rescored in fp32
+
+
+class NarrowEmbedder(STEmbedder):
+    """MiniLM's first 100 dimensions, renormalised: a width torch's int8 kernel cannot take."""
+
+    name, dim = "st:all-MiniLM-L6-v2[:100]", 100
+
+    def encode(self, texts):
+        v = super().encode(texts)[:, :self.dim]
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_int8_scan_of_a_width_no_kernel_takes_is_padded_and_exact(tmp_path, corpus, st_model):
+    pytest.importorskip("torch")
+    docs = corpus[1]
+    with Index(tmp_path / "narrow", NarrowEmbedder(st_model)) as idx:
+        idx.add(texts=list(docs.values()), names=list(docs))
+    exact = Index(tmp_path / "narrow", NarrowEmbedder(st_model), int8=False)
+    fast = Index(tmp_path / "narrow", NarrowEmbedder(st_model), int8=True)
+    for query in ("temporary files", "parse command line options"):
+        a, b = exact.search(query, "dense", k=5), fast.search(query, "dense", k=5)
+        assert fast._int8[0].shape[1] % 16 == 0 and exact._int8 is None
+        assert [h.chunk_id for h in a] == [h.chunk_id for h in b]
+        assert [h.score for h in b] == pytest.approx([h.score for h in a], abs=1e-6)
 
 
 def test_a_large_index_scans_int8_candidates_by_default(corpus, embedder, monkeypatch):

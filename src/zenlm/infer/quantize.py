@@ -36,10 +36,12 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 INT8_MAX_ROWS = 32  # above this many rows (prefill), dequantize and use the float GEMM
-# torch's weight-only int8 kernel reads past the row for widths that are not a multiple of 8
-# and crashes the process (torch 2.13 on AVX2: widths 50, 68, 97, 100 with a few rows); such
-# layers take the dequantized product instead.
-INT8_KERNEL_MULTIPLE = 8
+# torch's weight-only int8 kernel reads past the row for input widths it does not expect and
+# crashes the process (torch 2.13): on AVX2 widths that are no multiple of 8 (50, 68, 97, 100),
+# on AVX-512 (Zen 5) those that are no multiple of 16 (24, 200, 264) once there are 2 or more
+# rows. Such layers take the dequantized product instead; real models' widths (576, 1536, ...)
+# are multiples of 16.
+INT8_KERNEL_MULTIPLE = 16
 KERNEL_DTYPE = torch.bfloat16  # what the weight-only kernels read their inputs and scales in
 
 

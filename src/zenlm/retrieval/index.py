@@ -527,18 +527,23 @@ class Index:
         Built from the file on first use after a change; dead rows score -inf."""
         import torch
 
+        from zenlm.infer.quantize import INT8_KERNEL_MULTIPLE
+
         if self._int8 is None:
             matrix = self._matrix()
-            qw = torch.empty(matrix.shape, dtype=torch.int8)
+            # zero columns up to the kernel's width multiple (it crashes on others): exact
+            width = -(-matrix.shape[1] // INT8_KERNEL_MULTIPLE) * INT8_KERNEL_MULTIPLE
+            qw = torch.zeros((len(matrix), width), dtype=torch.int8)
             scale = torch.empty(len(matrix))
             for i in range(0, len(matrix), 16384):  # in blocks: no float copy of the whole file
                 w = torch.from_numpy(np.array(matrix[i:i + 16384]))  # a copy: the map is read-only
                 s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-                qw[i:i + len(w)] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+                qw[i:i + len(w), :w.shape[1]] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
                 scale[i:i + len(w)] = s
             self._int8 = (qw, scale.to(torch.bfloat16))
         qw, scale = self._int8
-        x = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))[None].to(torch.bfloat16)
+        x = torch.zeros((1, qw.shape[1]), dtype=torch.bfloat16)
+        x[0, :len(q)] = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
         scores = torch.ops.aten._weight_int8pack_mm(x, qw, scale)[0].float().numpy()
         if len(self._dead):
             scores[self._dead] = -np.inf
