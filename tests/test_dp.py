@@ -186,6 +186,7 @@ def test_dp_run_reports_opacus_epsilon_and_stops_at_budget(tmp_path, trained_run
     evals = [r for r in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines())
              if "val_accuracy" in r]
     assert [r["step"] for r in evals] == [2, 4] and evals[0]["epsilon"] < evals[1]["epsilon"] == pr["epsilon"]
+    assert all(0.0 <= r["clipped"] <= 1.0 and r["grad_norm_median"] > 0 for r in evals)
     on_disk = json.loads((tmp_path / "run/summary.json").read_text())
     assert on_disk["privacy"]["epsilon"] == pr["epsilon"]
     from zenlm.privacy.card import read_card
@@ -230,13 +231,14 @@ def test_lora_weight_delta_after_one_dp_step(trained_run, toy, tmp_path):
     idx = poisson_sample(engine.n, engine.rate, torch.Generator().manual_seed(11)).tolist()
     assert len(idx) > 4  # more than one micro-batch
     want = {n: torch.zeros_like(p) for n, p in trained.items()}
-    clipped = 0
+    clipped, norms = 0, []
     for i in idx:  # each example alone, plain autograd, clipped by hand
         reference.zero_grad(set_to_none=True)
         task.example_losses(reference, task.dp_batch([i])).sum().backward()
         norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in trained.values()))
         factor = min(1.0, engine.clip / (float(norm) + 1e-6))
         clipped += factor < 1.0
+        norms.append(float(norm))
         for n, p in trained.items():
             want[n] += factor * p.grad
     assert clipped > 0
@@ -244,6 +246,10 @@ def test_lora_weight_delta_after_one_dp_step(trained_run, toy, tmp_path):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     engine.step(gen, torch.autocast("cpu", enabled=False), "cpu")
     opt.step()
+    stats = engine.clipping()  # what the eval line reports: these examples' norms
+    assert stats["clipped"] == pytest.approx(clipped / len(idx))
+    assert stats["grad_norm_median"] == pytest.approx(float(torch.tensor(norms).median()), rel=1e-4)
+    assert engine.clipping() == {}  # each report covers the steps since the last
     engine.close()
     for n, p in model.named_parameters():
         delta = p.detach() - before[n]

@@ -189,6 +189,7 @@ class PrivateTraining:
         self.noise_gen = torch.Generator(device=self.params[0].device)
         self.noise_gen.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         self._epsilon_cache: tuple[int, float] | None = None
+        self._norms: list[torch.Tensor] = []  # per-example gradient norms since the last report
 
     def describe(self) -> str:
         return (f"differential privacy: epsilon {self.cfg.epsilon:g}, delta {self.delta:.3g} "
@@ -238,10 +239,23 @@ class PrivateTraining:
         for g in samples:
             if g is not None:
                 norms += g[:batch].reshape(batch, -1).float().pow(2).sum(1)
-        factor = (self.clip / (norms.sqrt() + 1e-6)).clamp(max=1.0)
+        norms = norms.sqrt()
+        self._norms.append(norms.detach().cpu())
+        factor = (self.clip / (norms + 1e-6)).clamp(max=1.0)
         for acc, g in zip(total, samples):
             if g is not None:
                 acc += torch.einsum("i,i...->...", factor, g[:batch].float())
+
+    def clipping(self) -> dict:
+        """How the clip norm sat against the examples' gradients since the last call: the
+        share clipped and the median norm. All clipped with a median far above the clip norm
+        means the clip sets every example's weight (a smaller clip changes little); few clipped
+        means the noise, scaled to the clip norm, is large against most gradients."""
+        if not self._norms:
+            return {}
+        norms, self._norms = torch.cat(self._norms), []
+        return {"clipped": float((norms > self.clip).float().mean()),
+                "grad_norm_median": float(norms.median())}
 
     # -- the ledger -----------------------------------------------------------------------------
     def epsilon(self, steps: int | None = None) -> float:

@@ -210,11 +210,18 @@ def _run(task: Task, tc: TrainConfig, world: World, resume: bool, log) -> dict:
         rec = {"step": step, "tokens": tokens, **res}
         if dp is not None:
             rec["epsilon"] = dp.epsilon()
+            rec.update(dp.clipping())
         emit(rec)
         return rec
 
     def eval_line(rec: dict) -> str:
-        return task.eval_line(rec) + (f"; epsilon {rec['epsilon']:.3f}" if "epsilon" in rec else "")
+        line = task.eval_line(rec)
+        if "epsilon" in rec:
+            line += f"; epsilon {rec['epsilon']:.3f}"
+        if "clipped" in rec:
+            line += (f" (gradients clipped: {rec['clipped']:.0%} of examples, median norm "
+                     f"{rec['grad_norm_median']:.3g})")
+        return line
 
     def track_best(rec: dict) -> bool:
         """Update the best value of the early-stopping metric; True when patience ran out."""
