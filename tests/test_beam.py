@@ -63,6 +63,31 @@ def test_beams_read_their_source_once_as_if_it_were_repeated():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_a_reorder_moves_only_the_rows_that_change_and_equals_an_indexed_copy():
+    """Rows that extend themselves stay; the others take a copy of their parent's keys, even
+    when that parent is itself replaced in the same step (a swap, a row copied twice)."""
+    from zenlm.model.kv_cache import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(2, 6, 2, 4, 10)
+    for keys, values in cache.layers:
+        keys.copy_(torch.randn(keys.shape, generator=g))
+        values.copy_(torch.randn(values.shape, generator=g))
+    cache.pos = 7
+    cache.cross = {0: (torch.randn(6, 2, 5, 4, generator=g), torch.randn(6, 2, 5, 4, generator=g))}
+    for rows in ([0, 1, 2, 3, 4, 5], [1, 0, 2, 2, 5, 5], [3, 3, 3, 0, 4, 1]):
+        rows = torch.tensor(rows)
+        want = [(k.clone(), v.clone()) for k, v in cache.layers]
+        for k, v in want:
+            k[:, :, :7] = k[rows, :, :7]
+            v[:, :, :7] = v[rows, :, :7]
+        want_cross = cache.cross[0][0][rows]
+        cache.reorder(rows)
+        for (k, v), (wk, wv) in zip(cache.layers, want):
+            assert torch.equal(k, wk) and torch.equal(v, wv)  # positions past pos untouched too
+        assert torch.equal(cache.cross[0][0], want_cross)
+
+
 def test_padding_of_the_source_changes_nothing():
     model = random_seq2seq(V)
     rows, src, mask = _sources()

@@ -135,11 +135,16 @@ class KVCache:
         cross-attention keys/values alike. Cross-attention kept once per source for a group of
         rows (fewer rows than the cache: beam search's beams) stays as it is: the rows of a
         group must then come from that group, as beams always do."""
-        for keys, values in self.layers:
-            past = keys.narrow(2, 0, self.pos)
-            past.copy_(past.index_select(0, rows))
-            past = values.narrow(2, 0, self.pos)
-            past.copy_(past.index_select(0, rows))
+        # Only rows that take another's place are copied: a beam that extends itself keeps its
+        # keys where they are (most beams, most steps), so a step copies a fraction of the cache.
+        dst = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
+        if not len(dst):
+            return
+        src = rows.index_select(0, dst)
+        for layer in self.layers:
+            for t in layer:
+                past = t.narrow(2, 0, self.pos)
+                past.index_copy_(0, dst, past.index_select(0, src))  # gathered first: src may be a dst
         self.cross = {i: (k.index_select(0, rows), v.index_select(0, rows)) if k.shape[0] == len(rows) else (k, v)
                       for i, (k, v) in self.cross.items()}
 
