@@ -250,7 +250,11 @@ class PrivateTraining:
         """How the clip norm sat against the examples' gradients since the last call: the
         share clipped and the median norm. All clipped with a median far above the clip norm
         means the clip sets every example's weight (a smaller clip changes little); few clipped
-        means the noise, scaled to the clip norm, is large against most gradients."""
+        means the noise, scaled to the clip norm, is large against most gradients.
+
+        A diagnostic for whoever runs the training, who sees the data anyway: both figures come
+        from the raw per-example norms, no noise, so epsilon does not cover them. They go into
+        the run's log and ``metrics.jsonl`` only, never into the model, its card or an export."""
         if not self._norms:
             return {}
         norms, self._norms = torch.cat(self._norms), []
