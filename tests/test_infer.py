@@ -287,6 +287,23 @@ def test_top_level_api(loaded, trained_run):
         generate(loaded.model, loaded.tokenizer, "def ", temperature=0, max_new_tokens=10)
 
 
+def test_loading_and_decoding_never_import_the_compiler(trained_run):
+    """torch._dynamo costs about a second of every cold start; loading a run and decoding from
+    it must not import it (a fresh process: this one may have compiled already)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, zenlm\n"
+            f"m = zenlm.load({str(trained_run)!r})\n"
+            "zenlm.generate(m, 'def ', temperature=0, max_new_tokens=4)\n"
+            "from zenlm.infer.generate import generate_batch\n"
+            "generate_batch(m.model, m.tokenizer, ['a', 'bc d'], temperature=0, max_new_tokens=4)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-800:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_compiled_decoding_gives_the_eager_tokens(tokenizer):
     """`compile_decoding` (torch.compile of the one-token step, dynamic shapes) decodes the same
     greedy tokens as eager decoding, for one prompt and for a left-padded batch, and compiles

@@ -95,6 +95,9 @@ def compile_decoding(model, **compile_kwargs) -> None:
     stays off by default; it is here for accelerators, where removing per-token Python matters
     more.
     """
+    from zenlm.model.kv_cache import keep_plan_eager
+
+    keep_plan_eager()
     compile_kwargs.setdefault("dynamic", True)
     model.decode_forward = torch.compile(model.forward, **compile_kwargs)
 

@@ -57,7 +57,6 @@ class KVCache:
         view.live = None if live is None or all(live) else list(live)
         return view
 
-    @torch.compiler.disable  # bookkeeping on Python ints: traced, it would recompile per length
     def plan(self, t: int, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-row mode, once per forward of ``t`` new tokens a row: each row's positions,
         (B, t) or (t,) when all rows agree, and the attention mask (B, 1, t, S) over the S
@@ -177,3 +176,14 @@ class KVCache:
             nv.narrow(2, 0, old).copy_(values.narrow(2, 0, old))
             grown.append((nk, nv))
         self.layers, self.max_len = grown, max_len
+
+
+def keep_plan_eager() -> None:
+    """Keep :meth:`KVCache.plan` out of compiled graphs: it is bookkeeping on Python ints, and
+    traced it would recompile per length. Called where decoding is compiled, not applied as a
+    decorator at import, because ``torch.compiler.disable`` imports torch._dynamo: about a
+    second of every cold start, for the many runs that never compile."""
+    if not getattr(KVCache.plan, "_zenlm_eager", False):
+        eager = torch.compiler.disable(KVCache.plan)
+        eager._zenlm_eager = True
+        KVCache.plan = eager
