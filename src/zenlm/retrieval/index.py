@@ -527,7 +527,7 @@ class Index:
         Built from the file on first use after a change; dead rows score -inf."""
         import torch
 
-        from zenlm.infer.quantize import INT8_KERNEL_MULTIPLE
+        from zenlm.infer.quantize import INT8_KERNEL_MULTIPLE, quantize_rows
 
         if self._int8 is None:
             matrix = self._matrix()
@@ -537,9 +537,7 @@ class Index:
             scale = torch.empty(len(matrix))
             for i in range(0, len(matrix), 16384):  # in blocks: no float copy of the whole file
                 w = torch.from_numpy(np.array(matrix[i:i + 16384]))  # a copy: the map is read-only
-                s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-                qw[i:i + len(w), :w.shape[1]] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
-                scale[i:i + len(w)] = s
+                qw[i:i + len(w), :w.shape[1]], scale[i:i + len(w)] = quantize_rows(w.float())
             self._int8 = (qw, scale.to(torch.bfloat16))
         qw, scale = self._int8
         x = torch.zeros((1, qw.shape[1]), dtype=torch.bfloat16)
