@@ -80,6 +80,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--sentences", type=int, default=64, help="sources decoded with beam 5")
     ap.add_argument("--decode-reps", type=int, default=5, help="beam-5 rounds per contestant (median kept)")
+    ap.add_argument("--dropout", type=float, default=0.1,
+                    help="residual and attention dropout of both models (the recipe's 0.1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--compile", action="store_true",
                     help="also time zenlm under torch.compile (dynamic shapes), as train.compile does")
@@ -109,7 +111,7 @@ def main() -> int:
     cfg = TransformerConfig(vocab_size=vocab, n_layer=args.layers, encoder_layers=args.layers,
                             n_head=args.heads, d_model=args.d_model, d_ff=4 * args.d_model, max_seq_len=128,
                             norm="layernorm", norm_position="post", pos="sinusoidal", scale_embeddings=True,
-                            mlp="gelu_exact", bias=True, dropout=0.0)
+                            mlp="gelu_exact", bias=True, dropout=args.dropout)
     torch.manual_seed(0)
     ours = Seq2Seq(cfg)
 
@@ -127,7 +129,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         export_marian(ours, _Tok, tmp)
-        theirs = transformers.MarianMTModel.from_pretrained(tmp)
+        theirs = transformers.MarianMTModel.from_pretrained(tmp, dropout=args.dropout,
+                                                            attention_dropout=args.dropout)
     src, mask, tgt_in, labels = batches[0]
     with torch.no_grad():
         diff = (ours.eval()(src, mask, tgt_in) - theirs.eval()(input_ids=src, attention_mask=mask,
@@ -150,7 +153,8 @@ def main() -> int:
         return step
 
     res = {"shape": {"layers": f"{args.layers}+{args.layers}", "d_model": args.d_model, "heads": args.heads,
-                     "vocab": vocab, "params": ours.num_params(), "batch_tokens": args.batch_tokens},
+                     "vocab": vocab, "params": ours.num_params(), "batch_tokens": args.batch_tokens,
+                     "dropout": args.dropout},
            "threads": torch.get_num_threads(), "data": args.data or "random tokens", "max_logit_diff": float(diff)}
     steps = {"zenlm": trainer(ours, lambda s, m, t: ours(s, m, t)),
              "transformers": trainer(theirs, lambda s, m, t: theirs(input_ids=s, attention_mask=m,
