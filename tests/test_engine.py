@@ -94,6 +94,29 @@ def test_per_row_cache_chunked_prefill_and_ragged_decode_equal_full_forwards(fam
             cache.lengths[:3] = view.lengths[:3]
 
 
+def test_a_bf16_model_decodes_rows_at_different_lengths_through_its_fp32_cache():
+    # a bf16 model caches in fp32 on a CPU (``new_cache``); the ragged write is an indexed
+    # put, which (unlike copy_) does not convert: this once failed on any batch of prompts of
+    # different lengths, e.g. serving or `bench/infer_smollm2.py`'s bf16 batch of 8
+    torch.manual_seed(0)
+    cfg = TransformerConfig.preset("llama", vocab_size=300, n_layer=2, n_head=4, n_kv_head=2,
+                                   d_model=64, max_seq_len=64)
+    model = Transformer(cfg).eval().to(torch.bfloat16)
+    seqs = [torch.randint(0, 300, (n,)) for n in (5, 11, 8)]
+    cache = model.new_cache(3, 32, per_row=True)
+    assert cache.dtype == torch.float32
+    with torch.no_grad():
+        for s, r in enumerate(seqs):
+            model(r[:-1][None], cache=cache.rows(s, 1, [0]))
+            cache.lengths[s] = len(r) - 1
+        view = cache.rows(0, 3, list(cache.lengths))
+        out = model(torch.tensor([[int(r[-1])] for r in seqs]), cache=view).float()
+        for s, r in enumerate(seqs):
+            alone = model(r[None])[0, -1].float()  # bf16 attention, no cache: close, not equal
+            assert (out[s, 0] - alone).abs().max() <= 0.05 * alone.abs().max()
+    assert view.lengths == [len(r) for r in seqs]
+
+
 def test_cache_grows_keeping_its_contents():
     torch.manual_seed(0)
     cfg = TransformerConfig.preset("llama", vocab_size=300, n_layer=2, n_head=4, n_kv_head=2,

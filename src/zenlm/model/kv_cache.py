@@ -103,9 +103,11 @@ class KVCache:
                 keys.narrow(2, where, t).copy_(k)
                 values.narrow(2, where, t).copy_(v)
             else:  # every row at its own offset: one indexed write, (B, t, heads, dim)
+                # (an indexed write does not convert as copy_ does: a bf16 model's k/v go into
+                # an fp32 cache, where attention runs)
                 rows, pos = where
-                keys[rows, :, pos] = k.transpose(1, 2)
-                values[rows, :, pos] = v.transpose(1, 2)
+                keys[rows, :, pos] = k.transpose(1, 2).to(keys.dtype)
+                values[rows, :, pos] = v.transpose(1, 2).to(values.dtype)
             return keys.narrow(2, 0, end), values.narrow(2, 0, end)
         end = self.pos + t
         if end > self.max_len:
