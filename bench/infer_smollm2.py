@@ -231,8 +231,9 @@ def spawn(name: str, threads: int) -> dict | None:
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    print(f"  {name} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-    return None
+    why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
+    print(f"  {name} failed: {why}")
+    return {"failed": why}
 
 
 def versions() -> dict:
@@ -247,7 +248,7 @@ def versions() -> dict:
     return out
 
 
-def main() -> None:
+def main() -> int | None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -280,11 +281,16 @@ def main() -> None:
     print(f"machine: {machine()['describe']}")
     bandwidth = [read_bandwidth_gbs()]
     runs: dict[str, list[dict]] = {n: [] for n in names}
+    # a contestant that fails is reported after the table and in the JSON, and the bench exits
+    # non-zero: a column that silently goes missing once hid a bf16 decoding bug
+    failures: dict[str, list[str]] = {}
     for rep in range(args.reps):  # alternate contestants within every repetition
         for n in names:
             print(f"rep {rep + 1}/{args.reps}: {n} ...", flush=True)
             r = spawn(n, args.threads)
-            if r:
+            if "failed" in r:
+                failures.setdefault(n, []).append(r["failed"])
+            else:
                 runs[n].append(r)
 
     bandwidth.append(read_bandwidth_gbs())
@@ -332,13 +338,18 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"  {k}: " + (", ".join(f"{a} {b:.2f}x" for a, b in v.items()) if isinstance(v, dict) else f"{v:+.2f}"))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    for n, whys in failures.items():
+        print(f"FAILED {n} in {len(whys)} of {args.reps} runs: {whys[-1]}")
+    from zenlm.io import atomic_write_json
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "read_bandwidth_gbs": bandwidth,
-                               "median": med, "runs": runs, "ratios": ratios, "versions": versions(),
-                               "threads": args.threads, "reps": args.reps}, indent=2))
+    atomic_write_json(out, {"machine": machine(), "read_bandwidth_gbs": bandwidth, "median": med,
+                            "runs": runs, "failures": failures, "ratios": ratios, "versions": versions(),
+                            "threads": args.threads, "reps": args.reps})
     print(f"wrote {out}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
