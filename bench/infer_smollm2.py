@@ -224,7 +224,8 @@ def child(name: str, threads: int) -> None:
     print("RESULT " + json.dumps(r))
 
 
-def spawn(name: str, threads: int) -> dict | None:
+def spawn(name: str, threads: int) -> dict:
+    """One contestant in a fresh process: its results, or ``{"failed": its last error line}``."""
     env = {**os.environ, "BENCH_T0": repr(time.time()), "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run([sys.executable, __file__, "--child", name, "--threads", str(threads)],
                           capture_output=True, text=True, env=env)
