@@ -156,6 +156,26 @@ class Pool {
   bool stop_ = false;
 };
 
+// Software prefetch, AHEAD bytes ahead of where the weights are being read. A step reads each
+// weight once, in short streams (four interleaved rows of a few hundred bytes each), and the
+// hardware prefetchers ramp up on each too late: a core then waits on memory for most of a
+// matrix. Measured on one Zen 4 core streaming 177 MB of int8 rows: 5.4 GB/s without, 15-22
+// GB/s with; fp32 14 -> 20-24 GB/s. Prefetching changes no arithmetic, and a prefetch past a
+// matrix's end (its last rows) is a hint the CPU drops, never a fault.
+template <typename T>
+constexpr int64_t AHEAD = sizeof(T) == 1 ? 4096 : 16384;
+
+// Prefetch the lines of the stream at ``p`` that one iteration of a loop reading ``step``
+// bytes at offset ``pos`` will need AHEAD bytes later (one line per 64 bytes, none twice).
+template <int64_t step>
+inline void prefetch_span(const char* p, int64_t pos) {
+  if constexpr (step >= 64) {
+    for (int64_t o = 0; o < step; o += 64) _mm_prefetch(p + pos + o, _MM_HINT_T0);
+  } else {
+    if (pos % 64 == 0) _mm_prefetch(p + pos, _MM_HINT_T0);
+  }
+}
+
 // Rows [r0, r1) of y = W x for a (n, k) matrix of fp32 or int8 elements (int8: before its
 // scales). Four consecutive rows at a time: one contiguous stream of memory and four
 // independent accumulators, x read once for all four.
@@ -166,8 +186,11 @@ void dot_rows(const T* wt, int64_t k, const float* x, float* y, int64_t r0, int6
     const T* w0 = wt + r * k;
     const T *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    // the four rows are one contiguous block; sweep the one AHEAD bytes on at 4 rows' pace
+    const char* ahead = reinterpret_cast<const char*>(w0) + AHEAD<T>;
     int64_t j = 0;
     for (; j + 8 <= k; j += 8) {
+      prefetch_span<32 * sizeof(T)>(ahead, 4 * j * static_cast<int64_t>(sizeof(T)));
       __m256 xv = _mm256_loadu_ps(x + j);
       a0 = _mm256_fmadd_ps(load8(w0 + j), xv, a0);
       a1 = _mm256_fmadd_ps(load8(w1 + j), xv, a1);
@@ -219,9 +242,20 @@ struct Mat {
     const float* wfr = wf ? wf + r * k : nullptr;
     const int8_t* wqr = wq ? wq + r * k : nullptr;
     int64_t j = 0;
-    for (; j + 8 <= k; j += 8) {
-      const __m256 w = wqr ? widen8(wqr + j) : _mm256_loadu_ps(wfr + j);
-      for (int b = 0; b < NB; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (b0 + b) * k + j), acc[b]);
+    if (wqr) {
+      const char* ahead = reinterpret_cast<const char*>(wqr) + AHEAD<int8_t>;
+      for (; j + 8 <= k; j += 8) {
+        prefetch_span<8>(ahead, j);
+        const __m256 w = widen8(wqr + j);
+        for (int b = 0; b < NB; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (b0 + b) * k + j), acc[b]);
+      }
+    } else {
+      const char* ahead = reinterpret_cast<const char*>(wfr) + AHEAD<float>;
+      for (; j + 8 <= k; j += 8) {
+        prefetch_span<32>(ahead, 4 * j);
+        const __m256 w = _mm256_loadu_ps(wfr + j);
+        for (int b = 0; b < NB; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (b0 + b) * k + j), acc[b]);
+      }
     }
     for (int b = 0; b < NB; ++b) {
       float s = hsum(acc[b]);
@@ -231,10 +265,67 @@ struct Mat {
     }
   }
 
-  // Rows [r0, r1) of Y = X W^T (+ bias) for B inputs: x (B, k) -> y (B, n)
+  // int8 rows r..r+3 against NB inputs (rows b0.. of x): 4 x NB accumulators, so each input
+  // vector loaded serves four weight rows and each widened weight vector NB inputs. Every (row,
+  // input) pair still sums in one 8-wide accumulator in j order, then the tail, exactly as
+  // dot_rows and row_batch do: blocking changes which loads are shared, never a row's sum.
+  // row_batch's one row keeps only NB FMA chains in flight and loads an input vector per
+  // FMA, which with widening's two extra instructions per weight vector makes a small int8
+  // batch compute-bound; here 4 x NB chains run and each input load serves four rows (SmolLM2
+  // on Zen 4, 2 threads, alternating: batch 2 1.36-1.65x, 5 1.19x, 8 1.01-1.17x). fp32
+  // gained nothing from it (0.93-1.05x), so fp32 batches keep row_batch.
+  template <int NB>
+  void rows4_batch(int64_t r, const float* x, int64_t b0, float (*out)[4]) const {
+    __m256 acc[NB][4];
+    for (int b = 0; b < NB; ++b)
+      for (int i = 0; i < 4; ++i) acc[b][i] = _mm256_setzero_ps();
+    const float* xb[NB];
+    for (int b = 0; b < NB; ++b) xb[b] = x + (b0 + b) * k;
+    const int8_t* w0 = wq + r * k;
+    const char* ahead = reinterpret_cast<const char*>(w0) + AHEAD<int8_t>;
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+      prefetch_span<32>(ahead, 4 * j);
+      __m256 xv[NB];
+      for (int b = 0; b < NB; ++b) xv[b] = _mm256_loadu_ps(xb[b] + j);
+      for (int i = 0; i < 4; ++i) {
+        const __m256 w = widen8(w0 + i * k + j);
+        for (int b = 0; b < NB; ++b) acc[b][i] = _mm256_fmadd_ps(w, xv[b], acc[b][i]);
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      for (int i = 0; i < 4; ++i) {
+        float s = hsum(acc[b][i]);
+        for (int64_t t = j; t < k; ++t) s += static_cast<float>(w0[i * k + t]) * xb[b][t];
+        out[b][i] = s;
+      }
+    }
+  }
+
+  // Rows [r0, r1) of Y = X W^T (+ bias) for B inputs: x (B, k) -> y (B, n). int8: four rows
+  // at a time against inputs in threes (4 x 3 accumulators, and the weights and inputs they
+  // read, fill the sixteen AVX2 registers), then rows left over one at a time, as fp32 does.
   void rows_batch(const float* x, float* y, int64_t batch, int64_t r0, int64_t r1) const {
+    float out4[3][4];
+    int64_t r = r0;
+    for (; wq && r + 4 <= r1; r += 4) {
+      for (int64_t b0 = 0; b0 < batch; b0 += 3) {
+        const int64_t nb = std::min<int64_t>(3, batch - b0);
+        switch (nb) {
+          case 1: rows4_batch<1>(r, x, b0, out4); break;
+          case 2: rows4_batch<2>(r, x, b0, out4); break;
+          default: rows4_batch<3>(r, x, b0, out4); break;
+        }
+        for (int64_t b = 0; b < nb; ++b) {
+          for (int i = 0; i < 4; ++i) {
+            const float bi = bias ? bias[r + i] : 0.0f;
+            y[(b0 + b) * n + r + i] = out4[b][i] * scale[r + i] + bi;
+          }
+        }
+      }
+    }
     float out[8];
-    for (int64_t r = r0; r < r1; ++r) {
+    for (; r < r1; ++r) {
       for (int64_t b0 = 0; b0 < batch; b0 += 8) {
         const int64_t nb = std::min<int64_t>(8, batch - b0);
         switch (nb) {
@@ -253,11 +344,15 @@ struct Mat {
     }
   }
 
-  // y = W x (+ bias), in about eight items a thread: enough to even out a slow thread, few
-  // enough that claiming them (one contended atomic each) costs nothing next to the rows.
-  // Items are multiples of 4 rows, which keeps the four-row kernel whole.
+  // y = W x (+ bias), in a few items a thread: enough to even out a slow thread, few enough
+  // that claiming them (one contended atomic each) costs nothing next to the rows. One row
+  // (memory-bound) takes 2 a thread: each item's first AHEAD bytes wait on memory, and a
+  // thread's next item is not where its prefetches went (1.1-1.2x over 8, SmolLM2 int8 on
+  // Zen 4). A batch (compute-bound) takes 8. Items are multiples of 4 rows, which keeps the
+  // four-row kernel whole.
   void apply(Pool& pool, const float* x, float* y, int64_t batch = 1) const {
-    const int64_t per = std::max<int64_t>(16, ((n + 8 * pool.threads() - 1) / (8 * pool.threads()) + 3) / 4 * 4);
+    const int64_t items = (batch == 1 ? 2 : 8) * pool.threads();
+    const int64_t per = std::max<int64_t>(16, ((n + items - 1) / items + 3) / 4 * 4);
     if (batch == 1) {
       pool.run((n + per - 1) / per, [&](int64_t i) { rows(x, y, i * per, std::min(n, (i + 1) * per)); });
     } else {
