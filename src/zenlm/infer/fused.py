@@ -5,8 +5,10 @@ their work, and torch's matrix-vector products stream weights below the memory's
 step in ``kernels/decode.cpp`` runs the whole layer stack in one call over the model's own
 weight tensors (no copies): embedding, RMSNorm, fused q/k/v, RoPE with the model's tables,
 the KV append into zenlm's own :class:`~zenlm.model.kv_cache.KVCache`, grouped-query
-attention over it (softmax in fp32), SwiGLU, residuals, the final norm and the head, with fp32
-or int8 (:class:`~zenlm.infer.quantize.Int8Linear`) weights.
+attention over it (softmax in fp32), SwiGLU, residuals, the final norm and the head, with fp32,
+int8 (:class:`~zenlm.infer.quantize.Int8Linear`) or int4
+(:class:`~zenlm.infer.quantize.Int4Linear`'s ``blocks``) weights. Activations stay fp32
+throughout, where torch's int8 and int4 kernels round them to bf16.
 
 :func:`attach` (called by ``prepare_for_decoding``) sets ``model.decode_forward`` to a
 :class:`FusedDecode`, the hook the decode loops already call for one-token steps
@@ -18,9 +20,9 @@ prefill is unchanged. A row's sums run in one order alone or in any batch, on an
 threads, so batching never changes a row's tokens.
 
 It applies to pre-norm, causal decoders with RMSNorm, RoPE and SwiGLU (Llama, Qwen2 with its
-q/k/v biases, SmolLM2) in fp32, each projection fp32 or int8, after ``fuse_projections``.
+q/k/v biases, SmolLM2) in fp32, each projection fp32, int8 or int4, after ``fuse_projections``.
 Anything else (LayerNorm or GELU models, learned or sinusoidal positions, LoRA left unmerged,
-int4, bf16, encoders, non-CPU devices) keeps the torch path. So does a CPU without AVX2 and
+int4 groups that are no multiple of 32, bf16, encoders, non-CPU devices) keeps the torch path. So does a CPU without AVX2 and
 FMA, a machine where the extension cannot be built (one log line says why), and
 ``ZENLM_FUSED=0`` (for A/B runs).
 """
@@ -87,12 +89,17 @@ def native():
 
 
 def _mat(layer: nn.Module):
-    """(weight, scale, bias) of a plain fp32 linear layer or an Int8Linear; None for others."""
-    from zenlm.infer.quantize import Int8Linear
+    """(weight, scale, bias) of a plain fp32 linear layer, an Int8Linear or an Int4Linear with
+    blocks; None for others."""
+    from zenlm.infer.quantize import Int4Linear, Int8Linear
     from zenlm.model.linear import is_plain_linear
 
     if isinstance(layer, Int8Linear):
         return layer.qweight, layer.scale, layer.bias
+    if isinstance(layer, Int4Linear):
+        if layer.blocks is None:
+            return None
+        return layer.blocks, None, None if layer.bias is None else layer.bias.float()
     if is_plain_linear(layer) and layer.weight.dtype == torch.float32:
         return layer.weight.detach(), None, None if layer.bias is None else layer.bias.detach()
     return None
@@ -116,7 +123,7 @@ def unsupported(model: nn.Module) -> str | None:
         return "needs fp32 weights on the CPU"
     head = None if model.lm_head is None else _mat(model.lm_head)
     if model.lm_head is not None and (head is None or head[2] is not None):
-        return "the output head is neither a plain fp32 nor an int8 matrix without bias"
+        return "the output head is not a plain fp32, int8 or int4 matrix without bias"
     for i, block in enumerate(model.blocks):
         parts = {"qkv_proj": block.attn._modules.get("qkv_proj"), "o_proj": block.attn.o_proj,
                  "gate_up_proj": block.mlp._modules.get("gate_up_proj"), "down_proj": block.mlp.down_proj}
@@ -124,7 +131,7 @@ def unsupported(model: nn.Module) -> str | None:
             if layer is None:
                 return f"blocks.{i}: projections not fused (fuse_projections)"
             if _mat(layer) is None:
-                return f"blocks.{i}.{name} is a {type(layer).__name__}, not fp32 or int8 rows"
+                return f"blocks.{i}.{name} is a {type(layer).__name__}, not fp32, int8 or int4 rows"
         for norm in (block.attn_norm, block.mlp_norm):
             if norm.weight is None or norm.weight.dtype != torch.float32:
                 return f"blocks.{i}: norms need fp32 weights"

@@ -130,6 +130,14 @@ class Int4Linear(nn.Module):
     :class:`Int8Linear`), streaming an eighth of fp32's bytes per token. It is GGUF's Q4_1 in another
     layout: a model loaded from a Q4_1 file (groups of 32) is re-quantized almost exactly —
     only the scales' rounding to bf16 is lost.
+
+    It also keeps the same weights as ``blocks`` for the fused decode step
+    (:mod:`zenlm.infer.fused`): torch's packed layout differs by the CPU kernel ATen picks, so
+    the step cannot read it. Each row is blocks of 32 inputs, 24 bytes each (GGUF's Q4_1 with
+    fp32 numbers): the scale s and the offset m as fp32, then 16 bytes whose low nibbles are
+    the block's inputs 0-15 and high nibbles 16-31, for w = q * s + m, the bf16 scale and zero
+    torch's kernel reads. That costs 0.75 byte a weight more memory, and decoding streams these
+    3/4 byte a weight instead of int8's 1. Group sizes that are no multiple of 32 get no blocks.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 32):
@@ -147,6 +155,8 @@ class Int4Linear(nn.Module):
         sz = torch.stack([scale.t(), (lo + 8 * scale).t()], dim=-1)
         self.register_buffer("scales_zeros", sz.contiguous().to(torch.bfloat16))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).clone())
+        self.register_buffer("blocks", q4_blocks(q, self.scales_zeros.float(), group_size) if group_size % 32 == 0 else None,
+                             persistent=False)
         self.group_size, self.in_features, self.out_features = group_size, k, n
 
     def dequantized(self) -> torch.Tensor:
@@ -163,6 +173,26 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def q4_blocks(q: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(n, k/32 * 24) uint8: ``q`` (n, k) in 0..15 with its groups' (scale, zero) pairs as
+    :class:`Int4Linear` describes its ``blocks``, w = q * s + (zero - 8 s)."""
+    n, k = q.shape
+    s = scales_zeros[..., 0].t()  # (n, groups)
+    m = scales_zeros[..., 1].t() - 8 * s
+    header = torch.stack([s, m], dim=-1).repeat_interleave(group_size // 32, dim=1)  # (n, k/32, 2)
+    q = q.reshape(n, k // 32, 32).to(torch.uint8)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    return torch.cat([header.float().contiguous().view(torch.uint8), nibbles], dim=-1).reshape(n, -1).contiguous()
+
+
+def q4_dequantized(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """The fp32 weight (n, k) that ``blocks`` hold (for tests and inspection)."""
+    b = blocks.reshape(blocks.shape[0], k // 32, 24)
+    header = b[..., :8].contiguous().view(torch.float32)  # (n, k/32, 2)
+    q = torch.cat([b[..., 8:] & 15, b[..., 8:] >> 4], dim=-1).float()
+    return (q * header[..., :1] + header[..., 1:]).reshape(b.shape[0], k)
 
 
 @torch.no_grad()

@@ -3,8 +3,8 @@
 // Why: decoding a token through torch is about a thousand small ops, each paying dispatch
 // overhead comparable to its work, and torch's GEMVs stream weights well below the memory's
 // read rate. Here every layer runs as plain loops over the model's own weight tensors (no
-// copies: fp32 rows, or int8 rows with one fp32 scale each), so a step costs what reading the
-// weights costs. AVX2 + FMA only: the loader builds this where the CPU reports both.
+// copies: fp32 rows, int8 rows with one fp32 scale each, or int4 blocks of 32 with an fp32
+// scale and offset each), so a step costs what reading the weights costs. AVX2 + FMA only: the loader builds this where the CPU reports both.
 //
 // Layout, matching zenlm.model exactly: fused q/k/v rows (q, then k, then v), fused gate/up
 // rows (gate, then up), RoPE in the "rotate half" layout with the model's own cos and signed
@@ -214,17 +214,71 @@ void dot_rows(const T* wt, int64_t k, const float* x, float* y, int64_t r0, int6
   }
 }
 
-// A weight matrix (n, k) as the model holds it: fp32 rows, or int8 rows times scale[row].
+// int4 rows (zenlm.infer.quantize.Int4Linear's ``blocks``): blocks of 32 weights in 24 bytes,
+// fp32 scale s and offset m, then 16 bytes whose low nibbles are weights 0-15 and high nibbles
+// 16-31; w = q * s + m.
+constexpr int64_t Q4_BYTES = 24;
+
+// One block's 32 weights as fp32, four vectors of 8 (weights 0-7, 8-15, 16-23, 24-31). Each
+// is one rounding of q * s + m, so a row dequantized once (batches) or block by block (one
+// input) holds the same numbers.
+inline void q4_block(const uint8_t* blk, __m256 w[4]) {
+  const __m256 s = _mm256_broadcast_ss(reinterpret_cast<const float*>(blk));
+  const __m256 m = _mm256_broadcast_ss(reinterpret_cast<const float*>(blk + 4));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 8));
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+  w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, m);
+  w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, m);
+  w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, m);
+  w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, m);
+}
+
+// Prefetch AHEAD bytes past the block at ``blk`` when it is the first block starting in its
+// 64-byte line (blocks start 24 bytes apart, so exactly one does): every line once.
+inline void q4_prefetch(const uint8_t* blk) {
+  if ((reinterpret_cast<uintptr_t>(blk) & 63) < static_cast<uintptr_t>(Q4_BYTES))
+    _mm_prefetch(reinterpret_cast<const char*>(blk) + AHEAD<int8_t>, _MM_HINT_T0);
+}
+
+// One int4 row against x: four accumulators, one per vector of a block, summed in one order.
+inline float q4_dot(const uint8_t* row, int64_t k, const float* x) {
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t g = 0; g < k / 32; ++g) {
+    const uint8_t* blk = row + g * Q4_BYTES;
+    q4_prefetch(blk);
+    __m256 w[4];
+    q4_block(blk, w);
+    for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + g * 32 + 8 * i), a[i]);
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+}
+
+// The same sum over a row already dequantized into ``w`` (k floats): bit for bit q4_dot's.
+inline float q4_dot_dequantized(const float* w, int64_t k, const float* x) {
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t j = 0; j < k; j += 32)
+    for (int i = 0; i < 4; ++i)
+      a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8 * i), _mm256_loadu_ps(x + j + 8 * i), a[i]);
+  return hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+}
+
+// A weight matrix (n, k) as the model holds it: fp32 rows, int8 rows times scale[row], or
+// int4 blocks.
 struct Mat {
   torch::Tensor keep_w, keep_s, keep_b;  // owners of the pointers below
   const float* wf = nullptr;
   const int8_t* wq = nullptr;
+  const uint8_t* w4 = nullptr;
   const float* scale = nullptr;
   const float* bias = nullptr;
   int64_t n = 0, k = 0;
 
   void rows(const float* x, float* y, int64_t r0, int64_t r1) const {
-    if (wq) {
+    if (w4) {
+      const int64_t stride = k / 32 * Q4_BYTES;
+      for (int64_t r = r0; r < r1; ++r) y[r] = q4_dot(w4 + r * stride, k, x);
+    } else if (wq) {
       dot_rows(wq, k, x, y, r0, r1);
       for (int64_t r = r0; r < r1; ++r) y[r] *= scale[r];
     } else {
@@ -306,6 +360,23 @@ struct Mat {
   // at a time against inputs in threes (4 x 3 accumulators, and the weights and inputs they
   // read, fill the sixteen AVX2 registers), then rows left over one at a time, as fp32 does.
   void rows_batch(const float* x, float* y, int64_t batch, int64_t r0, int64_t r1) const {
+    if (w4) {  // each row dequantized once (into L1), then against every input
+      thread_local std::vector<float> wbuf;
+      wbuf.resize(k);
+      const int64_t stride = k / 32 * Q4_BYTES;
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* row = w4 + r * stride;
+        for (int64_t g = 0; g < k / 32; ++g) {
+          q4_prefetch(row + g * Q4_BYTES);
+          __m256 w[4];
+          q4_block(row + g * Q4_BYTES, w);
+          for (int i = 0; i < 4; ++i) _mm256_storeu_ps(wbuf.data() + g * 32 + 8 * i, w[i]);
+        }
+        const float bi = bias ? bias[r] : 0.0f;
+        for (int64_t b = 0; b < batch; ++b) y[b * n + r] = q4_dot_dequantized(wbuf.data(), k, x + b * k) + bi;
+      }
+      return;
+    }
     float out4[3][4];
     int64_t r = r0;
     for (; wq && r + 4 <= r1; r += 4) {
@@ -367,7 +438,11 @@ Mat make_mat(const torch::Tensor& w, const Opt& scale, const Opt& bias) {
   m.keep_w = w;
   m.n = w.size(0);
   m.k = w.size(1);
-  if (w.scalar_type() == torch::kInt8) {
+  if (w.scalar_type() == torch::kByte) {
+    TORCH_CHECK(w.size(1) % Q4_BYTES == 0, "int4 rows must be whole blocks of 24 bytes");
+    m.k = w.size(1) / Q4_BYTES * 32;
+    m.w4 = w.data_ptr<uint8_t>();
+  } else if (w.scalar_type() == torch::kInt8) {
     TORCH_CHECK(scale.has_value(), "int8 weights need their row scales");
     TORCH_CHECK(scale->scalar_type() == torch::kFloat && scale->is_contiguous() && scale->numel() == m.n,
                 "int8 row scales must be fp32, one per row");
@@ -375,7 +450,7 @@ Mat make_mat(const torch::Tensor& w, const Opt& scale, const Opt& bias) {
     m.wq = w.data_ptr<int8_t>();
     m.scale = m.keep_s.data_ptr<float>();
   } else {
-    TORCH_CHECK(w.scalar_type() == torch::kFloat, "weights must be fp32 or int8");
+    TORCH_CHECK(w.scalar_type() == torch::kFloat, "weights must be fp32, int8 or int4 blocks (uint8)");
     m.wf = w.data_ptr<float>();
   }
   if (bias.has_value()) {
