@@ -254,13 +254,23 @@ inline float q4_dot(const uint8_t* row, int64_t k, const float* x) {
   return hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
 }
 
-// The same sum over a row already dequantized into ``w`` (k floats): bit for bit q4_dot's.
-inline float q4_dot_dequantized(const float* w, int64_t k, const float* x) {
-  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t j = 0; j < k; j += 32)
-    for (int i = 0; i < 4; ++i)
-      a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8 * i), _mm256_loadu_ps(x + j + 8 * i), a[i]);
-  return hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+// The same sums for NB inputs (rows b0.. of x, each k wide) over a row already dequantized
+// into ``w`` (k floats): bit for bit q4_dot's for each input. 4 x NB accumulators, so each
+// weight vector loaded serves NB inputs (NB <= 3 keeps them and the weights in registers).
+template <int NB>
+inline void q4_dot_dequantized(const float* w, int64_t k, const float* x, int64_t b0, float* out) {
+  __m256 a[NB][4];
+  for (int b = 0; b < NB; ++b)
+    for (int i = 0; i < 4; ++i) a[b][i] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < k; j += 32) {
+    for (int i = 0; i < 4; ++i) {
+      const __m256 wv = _mm256_loadu_ps(w + j + 8 * i);
+      for (int b = 0; b < NB; ++b)
+        a[b][i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (b0 + b) * k + j + 8 * i), a[b][i]);
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    out[b] = hsum(_mm256_add_ps(_mm256_add_ps(a[b][0], a[b][1]), _mm256_add_ps(a[b][2], a[b][3])));
 }
 
 // A weight matrix (n, k) as the model holds it: fp32 rows, int8 rows times scale[row], or
@@ -373,7 +383,16 @@ struct Mat {
           for (int i = 0; i < 4; ++i) _mm256_storeu_ps(wbuf.data() + g * 32 + 8 * i, w[i]);
         }
         const float bi = bias ? bias[r] : 0.0f;
-        for (int64_t b = 0; b < batch; ++b) y[b * n + r] = q4_dot_dequantized(wbuf.data(), k, x + b * k) + bi;
+        float out[3];
+        for (int64_t b0 = 0; b0 < batch; b0 += 3) {
+          const int64_t nb = std::min<int64_t>(3, batch - b0);
+          switch (nb) {
+            case 1: q4_dot_dequantized<1>(wbuf.data(), k, x, b0, out); break;
+            case 2: q4_dot_dequantized<2>(wbuf.data(), k, x, b0, out); break;
+            default: q4_dot_dequantized<3>(wbuf.data(), k, x, b0, out); break;
+          }
+          for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * n + r] = out[b] + bi;
+        }
       }
       return;
     }
