@@ -348,3 +348,16 @@ def test_smollm2_fused_matches_the_torch_path(native, quantize):
         got, _ = greedy_logits(model, model.decode_forward, steps=16, forced=want.argmax(-1))
         assert rel(got, want).max() < 5e-2
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_each_checkout_builds_into_its_own_folder(monkeypatch, tmp_path):
+    """torch's build files name the source path: two checkouts sharing one build folder would
+    rebuild the extension in turn. Each source path gets its own folder, and keeps it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folders = []
+    for checkout in ("a", "b", "a"):
+        monkeypatch.setattr(fused, "SOURCE", tmp_path / checkout / "decode.cpp")
+        folders.append(fused.build_dir())
+    assert folders[0] == folders[2] != folders[1]
+    assert all(f.parent == tmp_path / "zenlm" / "kernels" for f in folders)
+    assert torch.__version__ in folders[0].name
