@@ -30,14 +30,23 @@ SHAPES = {
 }
 
 
-@pytest.fixture(scope="module")
-def native():
-    module = fused.native()
-    if module is None:
-        pytest.skip("the fused decode extension cannot be built here (no C++ compiler or torch headers)")
+@pytest.fixture(scope="module", params=sorted(fused.ISAS))
+def native(request):
+    """Each build the CPU can run, in turn: every test below runs against the AVX2 build and,
+    on a CPU that reports AVX-512, the AVX-512 one too (chosen through ``ZENLM_FUSED_ISA``, as
+    ``prepare_for_decoding`` would choose it)."""
+    from zenlm.hardware import cpu_flags
+
     if not fused.cpu_supported():
         pytest.skip("this CPU lacks AVX2 + FMA, which the native step is compiled for")
-    return module
+    if request.param == "avx512" and "avx512f" not in cpu_flags():
+        pytest.skip("this CPU does not report avx512f: the AVX-512 build cannot run here")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(fused.ISA_ENV, request.param)
+        module = fused.native()
+        if module is None:
+            pytest.skip("the fused decode extension cannot be built here (no C++ compiler or torch headers)")
+        yield module
 
 
 def tiny(shape: str, seed: int = 0) -> Transformer:
@@ -280,13 +289,17 @@ def test_int8_step_computes_the_int8_weights_exactly(native, shape, monkeypatch)
 def test_dispatch_follows_the_cpu_flags_the_model_and_the_switch(native, monkeypatch, caplog):
     import zenlm.hardware
 
+    monkeypatch.delenv(fused.ISA_ENV, raising=False)  # the flags choose the build
     monkeypatch.setattr(zenlm.hardware, "cpu_flags", lambda: frozenset({"sse2", "avx"}))
     with caplog.at_level(logging.INFO, logger="zenlm.infer.fused"):
         model = prepare_for_decoding(tiny("llama-gqa"))
     assert "decode_forward" not in model.__dict__
     assert "needs avx2+fma" in caplog.text
     monkeypatch.setattr(zenlm.hardware, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx"}))
-    assert isinstance(prepare_for_decoding(tiny("llama-gqa")).decode_forward, fused.FusedDecode)
+    assert fused.isa() == "avx2"
+    model = prepare_for_decoding(tiny("llama-gqa"))
+    assert isinstance(model.decode_forward, fused.FusedDecode)
+    assert model.decode_forward.module.__name__ == "zenlm_decode"
     monkeypatch.setenv(fused.ENV, "0")
     assert "decode_forward" not in prepare_for_decoding(tiny("llama-gqa")).__dict__
     monkeypatch.delenv(fused.ENV)
@@ -301,7 +314,7 @@ def test_dispatch_follows_the_cpu_flags_the_model_and_the_switch(native, monkeyp
 
 
 def test_a_failed_build_logs_one_line_and_decodes_through_torch(monkeypatch, caplog):
-    def no_compiler():
+    def no_compiler(which):
         raise RuntimeError("Error building extension 'zenlm_decode': g++: not found")
 
     monkeypatch.setattr(fused, "_load", no_compiler)
@@ -361,3 +374,23 @@ def test_each_checkout_builds_into_its_own_folder(monkeypatch, tmp_path):
     assert folders[0] == folders[2] != folders[1]
     assert all(f.parent == tmp_path / "zenlm" / "kernels" for f in folders)
     assert torch.__version__ in folders[0].name
+
+
+def test_the_build_follows_the_cpu_flags_and_the_switch(monkeypatch):
+    import zenlm.hardware
+
+    monkeypatch.delenv(fused.ISA_ENV, raising=False)
+    monkeypatch.setattr(zenlm.hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert fused.isa() == "avx2"
+    monkeypatch.setenv(fused.ISA_ENV, "avx512")
+    with pytest.raises(ValueError, match="does not report avx512f"):
+        fused.isa()
+    monkeypatch.setattr(zenlm.hardware, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512bw"}))
+    assert fused.isa() == "avx512"
+    monkeypatch.setenv(fused.ISA_ENV, "AVX2")
+    assert fused.isa() == "avx2"
+    monkeypatch.setenv(fused.ISA_ENV, "sse")
+    with pytest.raises(ValueError, match="expected one of avx2, avx512"):
+        fused.isa()
+    monkeypatch.delenv(fused.ISA_ENV)
+    assert fused.isa() == "avx512"

@@ -1,4 +1,4 @@
-"""A native one-token decode step for AVX2 + FMA CPUs (batch 1 first, batches too).
+"""A native one-token decode step for AVX2 + FMA CPUs, with an AVX-512 build where the CPU has it.
 
 Decoding one token through torch is a long chain of small ops whose dispatch overhead rivals
 their work, and torch's matrix-vector products stream weights below the memory's read rate. The
@@ -25,6 +25,12 @@ Anything else (LayerNorm or GELU models, learned or sinusoidal positions, LoRA l
 int4 groups that are no multiple of 32, bf16, encoders, non-CPU devices) keeps the torch path. So does a CPU without AVX2 and
 FMA, a machine where the extension cannot be built (one log line says why), and
 ``ZENLM_FUSED=0`` (for A/B runs).
+
+The kernel is built once per instruction set (:func:`isa`): AVX2 + FMA, or AVX-512 where the
+CPU reports ``avx512f``, whose 16-float vectors double what a batch's products do per cycle on
+CPUs with two 512-bit FMA units; ``ZENLM_FUSED_ISA=avx2`` keeps the AVX2 build (A/B:
+``bench/fused_builds_ab.py``). Each build sums a row in one order; the two builds' orders
+differ, as two machines' may.
 """
 
 from __future__ import annotations
@@ -41,8 +47,12 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 ENV = "ZENLM_FUSED"  # "0" turns the native step off
+ISA_ENV = "ZENLM_FUSED_ISA"  # "avx2" or "avx512": which build to use (default: the widest the CPU has)
 SOURCE = Path(__file__).with_name("kernels") / "decode.cpp"
 CPU_FLAGS = ("avx2", "fma")
+# Each build's compiler flags. The AVX-512 build runs the same code over 16-float vectors,
+# which doubles what a batched product does per cycle where the CPU has two 512-bit FMA units.
+ISAS = {"avx2": ("-mavx2", "-mfma"), "avx512": ("-mavx2", "-mfma", "-mavx512f")}
 
 
 def enabled() -> bool:
@@ -56,6 +66,23 @@ def cpu_supported() -> bool:
     return all(f in flags for f in CPU_FLAGS)
 
 
+def isa() -> str:
+    """The build the native step uses here: ``ZENLM_FUSED_ISA`` if set, else AVX-512 where the
+    CPU reports ``avx512f``, else AVX2. Asking for AVX-512 on a CPU without it is an error, not
+    a crash on the first illegal instruction."""
+    from zenlm.hardware import cpu_flags
+
+    flags = cpu_flags()
+    want = os.environ.get(ISA_ENV, "").strip().lower()
+    if want:
+        if want not in ISAS:
+            raise ValueError(f"{ISA_ENV}={want!r}: expected one of {', '.join(ISAS)}")
+        if want == "avx512" and "avx512f" not in flags:
+            raise ValueError(f"{ISA_ENV}=avx512, but this CPU does not report avx512f")
+        return want
+    return "avx512" if "avx512f" in flags else "avx2"
+
+
 def build_dir() -> Path:
     """A per-user cache of the built extension, one folder per torch version and per copy of the
     source: built once, then imported in a fraction of a second. (torch's build files name the
@@ -66,23 +93,25 @@ def build_dir() -> Path:
 
 
 @functools.cache
-def _load():
+def _load(which: str):
     from torch.utils import cpp_extension
 
+    name = "zenlm_decode" if which == "avx2" else f"zenlm_decode_{which}"
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "zenlm_decode.so").exists():
-        log.warning("zenlm: building the native decode step into %s (once; about a minute)", folder)
+    if not (folder / f"{name}.so").exists():
+        log.warning("zenlm: building the native decode step (%s) into %s (once; about a minute)", which, folder)
     # -ffp-contract=off: no multiply-adds fused but the written ones, so a row sums alike in
     # every kernel (alone or in a batch). Threads are the kernel's own (as many as torch's).
-    return cpp_extension.load(name="zenlm_decode", sources=[str(SOURCE)], build_directory=str(folder),
-                              extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off"], verbose=False)
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
+                              extra_cflags=["-O3", *ISAS[which], "-ffp-contract=off"], verbose=False)
 
 
-def native():
-    """The built extension module, or None (logged once) where it cannot be built."""
+def native(which: str | None = None):
+    """The built extension module for ``which`` build (default :func:`isa`), or None (logged
+    once) where it cannot be built."""
     try:
-        return _load()
+        return _load(which or isa())
     except Exception as e:  # no compiler, no headers, a failed build: the torch path stays
         if not getattr(native, "_logged", False):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -250,5 +279,5 @@ def detach(model: nn.Module) -> None:
         del model.__dict__["decode_forward"]
 
 
-__all__ = ["ENV", "FusedDecode", "attach", "build", "cpu_supported", "detach", "enabled", "native",
-           "unsupported"]
+__all__ = ["ENV", "ISAS", "ISA_ENV", "FusedDecode", "attach", "build", "cpu_supported", "detach", "enabled",
+           "isa", "native", "unsupported"]

@@ -4,7 +4,8 @@
 // overhead comparable to its work, and torch's GEMVs stream weights well below the memory's
 // read rate. Here every layer runs as plain loops over the model's own weight tensors (no
 // copies: fp32 rows, int8 rows with one fp32 scale each, or int4 blocks of 32 with an fp32
-// scale and offset each), so a step costs what reading the weights costs. AVX2 + FMA only: the loader builds this where the CPU reports both.
+// scale and offset each), so a step costs what reading the weights costs. Built for AVX2 + FMA
+// (8-float vectors) or, where the CPU has it, AVX-512 (16): see ``vec`` below.
 //
 // Layout, matching zenlm.model exactly: fused q/k/v rows (q, then k, then v), fused gate/up
 // rows (gate, then up), RoPE in the "rotate half" layout with the model's own cos and signed
@@ -21,6 +22,7 @@
 #include <condition_variable>
 #include <functional>
 #include <thread>
+#include <type_traits>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -31,7 +33,7 @@ namespace {
 
 using Opt = std::optional<torch::Tensor>;
 
-inline float hsum(__m256 v) {
+inline float hsum8(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi);
   lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
@@ -39,36 +41,82 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-inline float dot(const float* a, const float* b, int64_t k) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= k; j += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+// The vector every sum below runs over: W floats, 16 where the build was given AVX-512 (the
+// loader compiles a second build for CPUs that report it), else 8. On CPUs with two 512-bit
+// FMA units (Intel Xeons, Zen 5) that doubles what a batch's products can do per cycle; one
+// row, which waits on memory, gains little. Within a build a row sums in one order in every
+// kernel below, alone or in a batch; the two builds differ from each other in the last bits,
+// as any two summation orders do.
+#if defined(__AVX512F__)
+constexpr int64_t W = 16;
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vset(float a) { return _mm512_set1_ps(a); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+// sixteen int8 weights widened to fp32
+inline vec vload(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline float hsum(vec v) {
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
+}
+#else
+constexpr int64_t W = 8;
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vset(float a) { return _mm256_set1_ps(a); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+// eight int8 weights widened to fp32
+inline vec vload(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline float hsum(vec v) { return hsum8(v); }
+#endif
+
+// Inputs a pass of the batched kernels takes against four weight rows: 4 x NB accumulators
+// plus the NB inputs and a weight vector fill AVX2's 16 registers at 3, AVX-512's 32 at 6.
+constexpr int NB4 = W == 16 ? 6 : 3;
+
+// f(std::integral_constant<int, nb>) for 1 <= nb <= MAX: the batched kernels are templates on
+// their input count, so that their accumulators live in registers.
+template <int MAX, typename F>
+inline void with_count(int64_t nb, F&& f) {
+  if constexpr (MAX > 1) {
+    if (nb < MAX) {
+      with_count<MAX - 1>(nb, f);
+      return;
+    }
   }
-  for (; j + 8 <= k; j += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
-  float s = hsum(_mm256_add_ps(s0, s1));
+  f(std::integral_constant<int, MAX>{});
+}
+
+inline float dot(const float* a, const float* b, int64_t k) {
+  vec s0 = vzero(), s1 = vzero();
+  int64_t j = 0;
+  for (; j + 2 * W <= k; j += 2 * W) {
+    s0 = vfma(vload(a + j), vload(b + j), s0);
+    s1 = vfma(vload(a + j + W), vload(b + j + W), s1);
+  }
+  for (; j + W <= k; j += W) s0 = vfma(vload(a + j), vload(b + j), s0);
+  float s = hsum(vadd(s0, s1));
   for (; j < k; ++j) s += a[j] * b[j];
   return s;
 }
 
 // y[i] += a * x[i]
 inline void axpy(float a, const float* x, float* y, int64_t k) {
-  __m256 av = _mm256_set1_ps(a);
+  const vec av = vset(a);
   int64_t j = 0;
-  for (; j + 8 <= k; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+  for (; j + W <= k; j += W) vstore(y + j, vfma(av, vload(x + j), vload(y + j)));
   for (; j < k; ++j) y[j] += a * x[j];
 }
-
-// eight int8 weights widened to fp32
-inline __m256 widen8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-// Eight weights as fp32, whatever the matrix holds: the one load the dot products need.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const int8_t* p) { return widen8(p); }
-
 
 // Work shared over threads without a fork-join barrier: a phase is a count of items that
 // every thread (the caller included) claims one at a time from one atomic word, and the
@@ -185,17 +233,17 @@ void dot_rows(const T* wt, int64_t k, const float* x, float* y, int64_t r0, int6
   for (; r + 4 <= r1; r += 4) {
     const T* w0 = wt + r * k;
     const T *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    vec a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
     // the four rows are one contiguous block; sweep the one AHEAD bytes on at 4 rows' pace
     const char* ahead = reinterpret_cast<const char*>(w0) + AHEAD<T>;
     int64_t j = 0;
-    for (; j + 8 <= k; j += 8) {
-      prefetch_span<32 * sizeof(T)>(ahead, 4 * j * static_cast<int64_t>(sizeof(T)));
-      __m256 xv = _mm256_loadu_ps(x + j);
-      a0 = _mm256_fmadd_ps(load8(w0 + j), xv, a0);
-      a1 = _mm256_fmadd_ps(load8(w1 + j), xv, a1);
-      a2 = _mm256_fmadd_ps(load8(w2 + j), xv, a2);
-      a3 = _mm256_fmadd_ps(load8(w3 + j), xv, a3);
+    for (; j + W <= k; j += W) {
+      prefetch_span<4 * W * sizeof(T)>(ahead, 4 * j * static_cast<int64_t>(sizeof(T)));
+      const vec xv = vload(x + j);
+      a0 = vfma(vload(w0 + j), xv, a0);
+      a1 = vfma(vload(w1 + j), xv, a1);
+      a2 = vfma(vload(w2 + j), xv, a2);
+      a3 = vfma(vload(w3 + j), xv, a3);
     }
     float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
     for (; j < k; ++j) {
@@ -205,9 +253,9 @@ void dot_rows(const T* wt, int64_t k, const float* x, float* y, int64_t r0, int6
   }
   for (; r < r1; ++r) {  // one accumulator, as above: a row sums alike wherever it falls
     const T* w = wt + r * k;
-    __m256 a = _mm256_setzero_ps();
+    vec a = vzero();
     int64_t j = 0;
-    for (; j + 8 <= k; j += 8) a = _mm256_fmadd_ps(load8(w + j), _mm256_loadu_ps(x + j), a);
+    for (; j + W <= k; j += W) a = vfma(vload(w + j), vload(x + j), a);
     float s = hsum(a);
     for (; j < k; ++j) s += w[j] * x[j];
     y[r] = s;
@@ -219,19 +267,26 @@ void dot_rows(const T* wt, int64_t k, const float* x, float* y, int64_t r0, int6
 // 16-31; w = q * s + m.
 constexpr int64_t Q4_BYTES = 24;
 
-// One block's 32 weights as fp32, four vectors of 8 (weights 0-7, 8-15, 16-23, 24-31). Each
-// is one rounding of q * s + m, so a row dequantized once (batches) or block by block (one
-// input) holds the same numbers.
-inline void q4_block(const uint8_t* blk, __m256 w[4]) {
-  const __m256 s = _mm256_broadcast_ss(reinterpret_cast<const float*>(blk));
-  const __m256 m = _mm256_broadcast_ss(reinterpret_cast<const float*>(blk + 4));
+constexpr int Q4_VECS = 32 / W;  // vectors in a block
+
+// One block's 32 weights as fp32, in Q4_VECS vectors of W (weights 0-7, 8-15, 16-23, 24-31,
+// or 0-15, 16-31). Each is one rounding of q * s + m, so a row dequantized once (batches) or
+// block by block (one input) holds the same numbers.
+inline void q4_block(const uint8_t* blk, vec w[Q4_VECS]) {
+  const vec s = vset(*reinterpret_cast<const float*>(blk));
+  const vec m = vset(*reinterpret_cast<const float*>(blk + 4));
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 8));
   const __m128i mask = _mm_set1_epi8(0x0f);
   const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-  w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, m);
-  w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, m);
-  w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, m);
-  w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, m);
+#if defined(__AVX512F__)
+  w[0] = vfma(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s, m);
+  w[1] = vfma(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s, m);
+#else
+  w[0] = vfma(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, m);
+  w[1] = vfma(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, m);
+  w[2] = vfma(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, m);
+  w[3] = vfma(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, m);
+#endif
 }
 
 // Prefetch AHEAD bytes past the block at ``blk`` when it is the first block starting in its
@@ -241,36 +296,41 @@ inline void q4_prefetch(const uint8_t* blk) {
     _mm_prefetch(reinterpret_cast<const char*>(blk) + AHEAD<int8_t>, _MM_HINT_T0);
 }
 
-// One int4 row against x: four accumulators, one per vector of a block, summed in one order.
+// Q4_VECS accumulators summed in one order (both int4 kernels end with this)
+inline float q4_sum(const vec* a) {
+  if constexpr (Q4_VECS == 4) return hsum(vadd(vadd(a[0], a[1]), vadd(a[2], a[3])));
+  else return hsum(vadd(a[0], a[1]));
+}
+
+// One int4 row against x: one accumulator per vector of a block.
 inline float q4_dot(const uint8_t* row, int64_t k, const float* x) {
-  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  vec a[Q4_VECS];
+  for (int i = 0; i < Q4_VECS; ++i) a[i] = vzero();
   for (int64_t g = 0; g < k / 32; ++g) {
     const uint8_t* blk = row + g * Q4_BYTES;
     q4_prefetch(blk);
-    __m256 w[4];
+    vec w[Q4_VECS];
     q4_block(blk, w);
-    for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + g * 32 + 8 * i), a[i]);
+    for (int i = 0; i < Q4_VECS; ++i) a[i] = vfma(w[i], vload(x + g * 32 + W * i), a[i]);
   }
-  return hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+  return q4_sum(a);
 }
 
 // The same sums for NB inputs (rows b0.. of x, each k wide) over a row already dequantized
 // into ``w`` (k floats): bit for bit q4_dot's for each input. 4 x NB accumulators, so each
-// weight vector loaded serves NB inputs (NB <= 3 keeps them and the weights in registers).
+// weight vector loaded serves NB inputs (NB <= NB4 keeps them and the weights in registers).
 template <int NB>
 inline void q4_dot_dequantized(const float* w, int64_t k, const float* x, int64_t b0, float* out) {
-  __m256 a[NB][4];
+  vec a[NB][Q4_VECS];
   for (int b = 0; b < NB; ++b)
-    for (int i = 0; i < 4; ++i) a[b][i] = _mm256_setzero_ps();
+    for (int i = 0; i < Q4_VECS; ++i) a[b][i] = vzero();
   for (int64_t j = 0; j < k; j += 32) {
-    for (int i = 0; i < 4; ++i) {
-      const __m256 wv = _mm256_loadu_ps(w + j + 8 * i);
-      for (int b = 0; b < NB; ++b)
-        a[b][i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (b0 + b) * k + j + 8 * i), a[b][i]);
+    for (int i = 0; i < Q4_VECS; ++i) {
+      const vec wv = vload(w + j + W * i);
+      for (int b = 0; b < NB; ++b) a[b][i] = vfma(wv, vload(x + (b0 + b) * k + j + W * i), a[b][i]);
     }
   }
-  for (int b = 0; b < NB; ++b)
-    out[b] = hsum(_mm256_add_ps(_mm256_add_ps(a[b][0], a[b][1]), _mm256_add_ps(a[b][2], a[b][3])));
+  for (int b = 0; b < NB; ++b) out[b] = q4_sum(a[b]);
 }
 
 // A weight matrix (n, k) as the model holds it: fp32 rows, int8 rows times scale[row], or
@@ -301,24 +361,24 @@ struct Mat {
   // every input, which is what makes a batch cheaper than its rows one by one.
   template <int NB>
   void row_batch(int64_t r, const float* x, int64_t b0, float* out) const {
-    __m256 acc[NB];
-    for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps();
+    vec acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = vzero();
     const float* wfr = wf ? wf + r * k : nullptr;
     const int8_t* wqr = wq ? wq + r * k : nullptr;
     int64_t j = 0;
     if (wqr) {
       const char* ahead = reinterpret_cast<const char*>(wqr) + AHEAD<int8_t>;
-      for (; j + 8 <= k; j += 8) {
-        prefetch_span<8>(ahead, j);
-        const __m256 w = widen8(wqr + j);
-        for (int b = 0; b < NB; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (b0 + b) * k + j), acc[b]);
+      for (; j + W <= k; j += W) {
+        prefetch_span<W>(ahead, j);
+        const vec w = vload(wqr + j);
+        for (int b = 0; b < NB; ++b) acc[b] = vfma(w, vload(x + (b0 + b) * k + j), acc[b]);
       }
     } else {
       const char* ahead = reinterpret_cast<const char*>(wfr) + AHEAD<float>;
-      for (; j + 8 <= k; j += 8) {
-        prefetch_span<32>(ahead, 4 * j);
-        const __m256 w = _mm256_loadu_ps(wfr + j);
-        for (int b = 0; b < NB; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (b0 + b) * k + j), acc[b]);
+      for (; j + W <= k; j += W) {
+        prefetch_span<4 * W>(ahead, 4 * j);
+        const vec w = vload(wfr + j);
+        for (int b = 0; b < NB; ++b) acc[b] = vfma(w, vload(x + (b0 + b) * k + j), acc[b]);
       }
     }
     for (int b = 0; b < NB; ++b) {
@@ -331,7 +391,7 @@ struct Mat {
 
   // int8 rows r..r+3 against NB inputs (rows b0.. of x): 4 x NB accumulators, so each input
   // vector loaded serves four weight rows and each widened weight vector NB inputs. Every (row,
-  // input) pair still sums in one 8-wide accumulator in j order, then the tail, exactly as
+  // input) pair still sums in one W-wide accumulator in j order, then the tail, exactly as
   // dot_rows and row_batch do: blocking changes which loads are shared, never a row's sum.
   // row_batch's one row keeps only NB FMA chains in flight and loads an input vector per
   // FMA, which with widening's two extra instructions per weight vector makes a small int8
@@ -340,21 +400,21 @@ struct Mat {
   // gained nothing from it (0.93-1.05x), so fp32 batches keep row_batch.
   template <int NB>
   void rows4_batch(int64_t r, const float* x, int64_t b0, float (*out)[4]) const {
-    __m256 acc[NB][4];
+    vec acc[NB][4];
     for (int b = 0; b < NB; ++b)
-      for (int i = 0; i < 4; ++i) acc[b][i] = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) acc[b][i] = vzero();
     const float* xb[NB];
     for (int b = 0; b < NB; ++b) xb[b] = x + (b0 + b) * k;
     const int8_t* w0 = wq + r * k;
     const char* ahead = reinterpret_cast<const char*>(w0) + AHEAD<int8_t>;
     int64_t j = 0;
-    for (; j + 8 <= k; j += 8) {
-      prefetch_span<32>(ahead, 4 * j);
-      __m256 xv[NB];
-      for (int b = 0; b < NB; ++b) xv[b] = _mm256_loadu_ps(xb[b] + j);
+    for (; j + W <= k; j += W) {
+      prefetch_span<4 * W>(ahead, 4 * j);
+      vec xv[NB];
+      for (int b = 0; b < NB; ++b) xv[b] = vload(xb[b] + j);
       for (int i = 0; i < 4; ++i) {
-        const __m256 w = widen8(w0 + i * k + j);
-        for (int b = 0; b < NB; ++b) acc[b][i] = _mm256_fmadd_ps(w, xv[b], acc[b][i]);
+        const vec w = vload(w0 + i * k + j);
+        for (int b = 0; b < NB; ++b) acc[b][i] = vfma(w, xv[b], acc[b][i]);
       }
     }
     for (int b = 0; b < NB; ++b) {
@@ -367,8 +427,8 @@ struct Mat {
   }
 
   // Rows [r0, r1) of Y = X W^T (+ bias) for B inputs: x (B, k) -> y (B, n). int8: four rows
-  // at a time against inputs in threes (4 x 3 accumulators, and the weights and inputs they
-  // read, fill the sixteen AVX2 registers), then rows left over one at a time, as fp32 does.
+  // at a time against NB4 inputs a pass (4 x NB4 accumulators, and the weights and inputs
+  // they read, fill the vector registers), then rows left over one at a time, as fp32 does.
   void rows_batch(const float* x, float* y, int64_t batch, int64_t r0, int64_t r1) const {
     if (w4) {  // each row dequantized once (into L1), then against every input
       thread_local std::vector<float> wbuf;
@@ -378,34 +438,26 @@ struct Mat {
         const uint8_t* row = w4 + r * stride;
         for (int64_t g = 0; g < k / 32; ++g) {
           q4_prefetch(row + g * Q4_BYTES);
-          __m256 w[4];
+          vec w[Q4_VECS];
           q4_block(row + g * Q4_BYTES, w);
-          for (int i = 0; i < 4; ++i) _mm256_storeu_ps(wbuf.data() + g * 32 + 8 * i, w[i]);
+          for (int i = 0; i < Q4_VECS; ++i) vstore(wbuf.data() + g * 32 + W * i, w[i]);
         }
         const float bi = bias ? bias[r] : 0.0f;
-        float out[3];
-        for (int64_t b0 = 0; b0 < batch; b0 += 3) {
-          const int64_t nb = std::min<int64_t>(3, batch - b0);
-          switch (nb) {
-            case 1: q4_dot_dequantized<1>(wbuf.data(), k, x, b0, out); break;
-            case 2: q4_dot_dequantized<2>(wbuf.data(), k, x, b0, out); break;
-            default: q4_dot_dequantized<3>(wbuf.data(), k, x, b0, out); break;
-          }
+        float out[NB4];
+        for (int64_t b0 = 0; b0 < batch; b0 += NB4) {
+          const int64_t nb = std::min<int64_t>(NB4, batch - b0);
+          with_count<NB4>(nb, [&](auto c) { q4_dot_dequantized<decltype(c)::value>(wbuf.data(), k, x, b0, out); });
           for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * n + r] = out[b] + bi;
         }
       }
       return;
     }
-    float out4[3][4];
+    float out4[NB4][4];
     int64_t r = r0;
     for (; wq && r + 4 <= r1; r += 4) {
-      for (int64_t b0 = 0; b0 < batch; b0 += 3) {
-        const int64_t nb = std::min<int64_t>(3, batch - b0);
-        switch (nb) {
-          case 1: rows4_batch<1>(r, x, b0, out4); break;
-          case 2: rows4_batch<2>(r, x, b0, out4); break;
-          default: rows4_batch<3>(r, x, b0, out4); break;
-        }
+      for (int64_t b0 = 0; b0 < batch; b0 += NB4) {
+        const int64_t nb = std::min<int64_t>(NB4, batch - b0);
+        with_count<NB4>(nb, [&](auto c) { rows4_batch<decltype(c)::value>(r, x, b0, out4); });
         for (int64_t b = 0; b < nb; ++b) {
           for (int i = 0; i < 4; ++i) {
             const float bi = bias ? bias[r + i] : 0.0f;
@@ -418,16 +470,7 @@ struct Mat {
     for (; r < r1; ++r) {
       for (int64_t b0 = 0; b0 < batch; b0 += 8) {
         const int64_t nb = std::min<int64_t>(8, batch - b0);
-        switch (nb) {
-          case 1: row_batch<1>(r, x, b0, out); break;
-          case 2: row_batch<2>(r, x, b0, out); break;
-          case 3: row_batch<3>(r, x, b0, out); break;
-          case 4: row_batch<4>(r, x, b0, out); break;
-          case 5: row_batch<5>(r, x, b0, out); break;
-          case 6: row_batch<6>(r, x, b0, out); break;
-          case 7: row_batch<7>(r, x, b0, out); break;
-          default: row_batch<8>(r, x, b0, out); break;
-        }
+        with_count<8>(nb, [&](auto c) { row_batch<decltype(c)::value>(r, x, b0, out); });
         const float sc = scale ? scale[r] : 1.0f, bi = bias ? bias[r] : 0.0f;
         for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * n + r] = out[b] * sc + bi;
       }
