@@ -393,4 +393,11 @@ def test_the_build_follows_the_cpu_flags_and_the_switch(monkeypatch):
     with pytest.raises(ValueError, match="expected one of avx2, avx512"):
         fused.isa()
     monkeypatch.delenv(fused.ISA_ENV)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     assert fused.isa() == "avx512"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an AVX-512 machine told to run AVX2 kernels
+    assert fused.isa() == "avx2"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert fused.isa() == "avx2"

@@ -69,7 +69,9 @@ def cpu_supported() -> bool:
 def isa() -> str:
     """The build the native step uses here: ``ZENLM_FUSED_ISA`` if set, else AVX-512 where the
     CPU reports ``avx512f``, else AVX2. Asking for AVX-512 on a CPU without it is an error, not
-    a crash on the first illegal instruction."""
+    a crash on the first illegal instruction. ``ONEDNN_MAX_CPU_ISA=AVX2`` or
+    ``ATEN_CPU_CAPABILITY=avx2`` (how an AVX-512 machine is told to run AVX2 kernels, to check
+    those paths) choose the AVX2 build too."""
     from zenlm.hardware import cpu_flags
 
     flags = cpu_flags()
@@ -80,7 +82,9 @@ def isa() -> str:
         if want == "avx512" and "avx512f" not in flags:
             raise ValueError(f"{ISA_ENV}=avx512, but this CPU does not report avx512f")
         return want
-    return "avx512" if "avx512f" in flags else "avx2"
+    capped = (os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in ("AVX2", "AVX2_VNNI", "AVX", "SSE41")
+              or os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() in ("avx2", "default"))
+    return "avx512" if "avx512f" in flags and not capped else "avx2"
 
 
 def build_dir() -> Path:
