@@ -137,6 +137,35 @@ def test_int4_linear_computes_with_groupwise_4bit_weights():
     assert layer.packed.numel() == 48 * 128 // 2  # two weights per byte
 
 
+def test_int4_prefill_multiplies_the_blocks_weights_in_fp32(monkeypatch):
+    """Above INT8_MAX_ROWS rows an int4 layer takes the float GEMM over the weights its blocks
+    hold (the fused step's own, dequantized natively where that is built, else by torch); a
+    few rows keep torch's int4 kernel, which rounds the inputs to bf16. Both agree with the
+    same by-hand product, the first up to fp32 rounding."""
+    from zenlm.infer import fused
+    from zenlm.infer.quantize import Int4Linear, q4_dequantized, q4_weight
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64)
+    layer = Int4Linear(lin.weight, lin.bias)
+    w = q4_dequantized(layer.blocks, 256)
+    assert (w - layer.dequantized()).abs().max() < 1e-2 * w.abs().max()  # scales' bf16 rounding
+    many, few = torch.randn(INT8_MAX_ROWS + 8, 256), torch.randn(4, 256)
+    want = many @ w.t() + lin.bias.to(torch.bfloat16).float()
+    assert (layer(many) - want).abs().max() < 1e-5 * want.abs().max()
+    got_few = layer(few)
+    want_few = few @ w.t() + lin.bias
+    assert (got_few - want_few).abs().max() < 0.02 * want_few.abs().max()
+    assert not torch.equal(got_few, few @ w.t() + lin.bias.to(torch.bfloat16).float())  # the bf16 kernel
+    native = fused.native() if fused.cpu_supported() else None
+    if native is not None:  # one rounding of q * s + m against torch's two: within an ulp
+        got = native.q4_dequantize(layer.blocks, 256)
+        assert torch.allclose(got, w, rtol=2 ** -23, atol=1e-7)
+        assert torch.equal(q4_weight(layer.blocks, 256), got)
+    monkeypatch.setenv(fused.ENV, "0")  # the fused step off: torch dequantizes
+    assert torch.equal(q4_weight(layer.blocks, 256), w)
+
+
 def test_int4_model_keeps_the_loss_and_skips_layers_the_kernel_cannot_take(loaded, corpus_text):
     from zenlm.eval.perplexity import evaluate_text
     from zenlm.infer.quantize import Int4Linear, quantize_int4

@@ -16,7 +16,8 @@ several times slower than these kernels and lost more accuracy, so it is gone.)
 Both quantizers fuse q/k/v and gate/up first (``Transformer.fuse_projections``): decoding a
 token is a chain of small ops, and fewer calls is faster. Embedding lookups stay in float (a
 gather reads one row, not the table); a tied output head gets its own int8 copy. Prefill (many
-rows) dequantizes int8 weights to the float GEMM, which is compute-bound there and faster.
+rows) dequantizes int8 and int4 weights to the float GEMM, which is compute-bound there and
+faster.
 """
 
 from __future__ import annotations
@@ -167,9 +168,14 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, self.group_size,
-            self.scales_zeros)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] > INT8_MAX_ROWS and self.blocks is not None:
+            # Prefill: as for int8, the float GEMM over the weights dequantized once beats the
+            # weight-only kernel when there are many rows (SmolLM2, 512 tokens: see the README).
+            y = linear(x2.float(), q4_weight(self.blocks, self.in_features))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -193,6 +199,18 @@ def q4_dequantized(blocks: torch.Tensor, k: int) -> torch.Tensor:
     header = b[..., :8].contiguous().view(torch.float32)  # (n, k/32, 2)
     q = torch.cat([b[..., 8:] & 15, b[..., 8:] >> 4], dim=-1).float()
     return (q * header[..., :1] + header[..., 1:]).reshape(b.shape[0], k)
+
+
+def q4_weight(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """The fp32 weight ``blocks`` hold, as the fused decode step computes it (one rounding of
+    q * s + m a weight, a few ms a layer) where that extension is built, else through torch
+    (:func:`q4_dequantized`: the same weights but for that one rounding)."""
+    from zenlm.infer import fused
+
+    module = fused.native() if fused.enabled() and fused.cpu_supported() else None
+    if module is not None:
+        return module.q4_dequantize(blocks, k)
+    return q4_dequantized(blocks, k)
 
 
 @torch.no_grad()

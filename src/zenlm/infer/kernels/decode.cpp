@@ -726,6 +726,30 @@ class Decoder {
   std::unique_ptr<Pool> pool_;
 };
 
+// int4 blocks (n, k/32 * 24 bytes) as the fp32 weight (n, k) the step computes with, each weight
+// the one rounding of q * s + m that q4_block makes. For prefill: its many rows make the float
+// GEMM faster than torch's weight-only int4 kernel, and the weights stay the step's own. Rows
+// go over torch's threads, since this runs between torch ops.
+torch::Tensor q4_dequantize(const torch::Tensor& blocks, int64_t k) {
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == torch::kByte && blocks.is_contiguous() &&
+                  k % 32 == 0 && blocks.size(1) == k / 32 * Q4_BYTES,
+              "int4 blocks must be contiguous uint8 (n, k/32 * 24)");
+  const int64_t n = blocks.size(0);
+  torch::Tensor out = torch::empty({n, k}, torch::kFloat);
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t g = 0; g < k / 32; ++g) {
+        vec w[Q4_VECS];
+        q4_block(src + (r * (k / 32) + g) * Q4_BYTES, w);
+        for (int i = 0; i < Q4_VECS; ++i) vstore(dst + r * k + g * 32 + W * i, w[i]);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -735,4 +759,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &Decoder::add_layer)
       .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("n_layer", &Decoder::n_layer);
+  m.def("q4_dequantize", &q4_dequantize, py::call_guard<py::gil_scoped_release>());
 }
