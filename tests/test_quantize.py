@@ -153,6 +153,14 @@ def test_int4_prefill_multiplies_the_blocks_weights_in_fp32(monkeypatch):
     many, few = torch.randn(INT8_MAX_ROWS + 8, 256), torch.randn(4, 256)
     want = many @ w.t() + lin.bias.to(torch.bfloat16).float()
     assert (layer(many) - want).abs().max() < 1e-5 * want.abs().max()
+    from zenlm.infer import quantize
+
+    monkeypatch.setattr(quantize, "DEQUANT_CHUNK", 24)  # 64 rows in chunks of 24, 24 and 16
+    assert (layer(many) - want).abs().max() < 1e-5 * want.abs().max()
+    int8 = Int8Linear(lin.weight, lin.bias)
+    want8 = many @ int8.dequantized().t() + lin.bias
+    assert (int8(many) - want8).abs().max() < 1e-5 * want8.abs().max()
+    monkeypatch.setattr(quantize, "DEQUANT_CHUNK", 256)
     got_few = layer(few)
     want_few = few @ w.t() + lin.bias
     assert (got_few - want_few).abs().max() < 0.02 * want_few.abs().max()
