@@ -317,10 +317,12 @@ def test_a_failed_build_logs_one_line_and_decodes_through_torch(monkeypatch, cap
     def no_compiler(which):
         raise RuntimeError("Error building extension 'zenlm_decode': g++: not found")
 
-    monkeypatch.setattr(fused, "_load", no_compiler)
+    import zenlm.infer.native
+
+    monkeypatch.setattr(zenlm.infer.native, "_load", no_compiler)
     monkeypatch.setattr(fused.native, "_logged", False, raising=False)
     monkeypatch.setattr(fused, "cpu_supported", lambda: True)
-    with caplog.at_level(logging.WARNING, logger="zenlm.infer.fused"):
+    with caplog.at_level(logging.WARNING, logger="zenlm.infer"):
         model = prepare_for_decoding(tiny("llama-gqa"))
         prepare_for_decoding(tiny("llama-gqa"))
     assert "decode_forward" not in model.__dict__
@@ -366,10 +368,12 @@ def test_smollm2_fused_matches_the_torch_path(native, quantize):
 def test_each_checkout_builds_into_its_own_folder(monkeypatch, tmp_path):
     """torch's build files name the source path: two checkouts sharing one build folder would
     rebuild the extension in turn. Each source path gets its own folder, and keeps it."""
+    import zenlm.infer.native
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     folders = []
     for checkout in ("a", "b", "a"):
-        monkeypatch.setattr(fused, "SOURCE", tmp_path / checkout / "decode.cpp")
+        monkeypatch.setattr(zenlm.infer.native, "SOURCE", tmp_path / checkout / "decode.cpp")
         folders.append(fused.build_dir())
     assert folders[0] == folders[2] != folders[1]
     assert all(f.parent == tmp_path / "zenlm" / "kernels" for f in folders)

@@ -35,93 +35,16 @@ differ, as two machines' may.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
+# the extension's switch, builds and loader live in zenlm.infer.native (quantize uses them too)
+from zenlm.infer.native import (CPU_FLAGS, ENV, ISA_ENV, ISAS, SOURCE, build_dir, cpu_supported, enabled, isa,
+                                native)
+
 log = logging.getLogger(__name__)
-
-ENV = "ZENLM_FUSED"  # "0" turns the native step off
-ISA_ENV = "ZENLM_FUSED_ISA"  # "avx2" or "avx512": which build to use (default: the widest the CPU has)
-SOURCE = Path(__file__).with_name("kernels") / "decode.cpp"
-CPU_FLAGS = ("avx2", "fma")
-# Each build's compiler flags. The AVX-512 build runs the same code over 16-float vectors,
-# which doubles what a batched product does per cycle where the CPU has two 512-bit FMA units.
-ISAS = {"avx2": ("-mavx2", "-mfma"), "avx512": ("-mavx2", "-mfma", "-mavx512f")}
-
-
-def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def cpu_supported() -> bool:
-    from zenlm.hardware import cpu_flags
-
-    flags = cpu_flags()
-    return all(f in flags for f in CPU_FLAGS)
-
-
-def isa() -> str:
-    """The build the native step uses here: ``ZENLM_FUSED_ISA`` if set, else AVX-512 where the
-    CPU reports ``avx512f``, else AVX2. Asking for AVX-512 on a CPU without it is an error, not
-    a crash on the first illegal instruction. ``ONEDNN_MAX_CPU_ISA=AVX2`` or
-    ``ATEN_CPU_CAPABILITY=avx2`` (how an AVX-512 machine is told to run AVX2 kernels, to check
-    those paths) choose the AVX2 build too."""
-    from zenlm.hardware import cpu_flags
-
-    flags = cpu_flags()
-    want = os.environ.get(ISA_ENV, "").strip().lower()
-    if want:
-        if want not in ISAS:
-            raise ValueError(f"{ISA_ENV}={want!r}: expected one of {', '.join(ISAS)}")
-        if want == "avx512" and "avx512f" not in flags:
-            raise ValueError(f"{ISA_ENV}=avx512, but this CPU does not report avx512f")
-        return want
-    capped = (os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in ("AVX2", "AVX2_VNNI", "AVX", "SSE41")
-              or os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() in ("avx2", "default"))
-    return "avx512" if "avx512f" in flags and not capped else "avx2"
-
-
-def build_dir() -> Path:
-    """A per-user cache of the built extension, one folder per torch version and per copy of the
-    source: built once, then imported in a fraction of a second. (torch's build files name the
-    source's path, so two checkouts sharing one folder rebuilt it in turn, 35 s a time.)"""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    where = hashlib.sha256(str(SOURCE.resolve()).encode()).hexdigest()[:12]
-    return base / "zenlm" / "kernels" / f"torch-{torch.__version__}-{where}"
-
-
-@functools.cache
-def _load(which: str):
-    from torch.utils import cpp_extension
-
-    name = "zenlm_decode" if which == "avx2" else f"zenlm_decode_{which}"
-    folder = build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / f"{name}.so").exists():
-        log.warning("zenlm: building the native decode step (%s) into %s (once; about a minute)", which, folder)
-    # -ffp-contract=off: no multiply-adds fused but the written ones, so a row sums alike in
-    # every kernel (alone or in a batch). Threads are the kernel's own (as many as torch's).
-    return cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
-                              extra_cflags=["-O3", *ISAS[which], "-ffp-contract=off"], verbose=False)
-
-
-def native(which: str | None = None):
-    """The built extension module for ``which`` build (default :func:`isa`), or None (logged
-    once) where it cannot be built."""
-    try:
-        return _load(which or isa())
-    except Exception as e:  # no compiler, no headers, a failed build: the torch path stays
-        if not getattr(native, "_logged", False):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            log.warning("zenlm: fused decode step unavailable, decoding through torch (%s)", first)
-            native._logged = True
-        return None
 
 
 def _mat(layer: nn.Module):
@@ -283,5 +206,5 @@ def detach(model: nn.Module) -> None:
         del model.__dict__["decode_forward"]
 
 
-__all__ = ["ENV", "ISAS", "ISA_ENV", "FusedDecode", "attach", "build", "cpu_supported", "detach", "enabled",
-           "isa", "native", "unsupported"]
+__all__ = ["CPU_FLAGS", "ENV", "ISAS", "ISA_ENV", "SOURCE", "FusedDecode", "attach", "build", "build_dir",
+           "cpu_supported", "detach", "enabled", "isa", "native", "unsupported"]

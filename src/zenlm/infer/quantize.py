@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zenlm.infer import native as kernels
 from zenlm.model.linear import linear
 from zenlm.model.projections import FUSED_PARTS
 
@@ -224,9 +225,7 @@ def q4_weight(blocks: torch.Tensor, k: int) -> torch.Tensor:
     """The fp32 weight ``blocks`` hold, as the fused decode step computes it (one rounding of
     q * s + m a weight, a few ms a layer) where that extension is built, else through torch
     (:func:`q4_dequantized`: the same weights but for that one rounding)."""
-    from zenlm.infer import fused
-
-    module = fused.native() if fused.enabled() and fused.cpu_supported() else None
+    module = kernels.native() if kernels.enabled() and kernels.cpu_supported() else None
     if module is not None:
         return module.q4_dequantize(blocks, k)
     return q4_dequantized(blocks, k)
