@@ -77,9 +77,16 @@ def bytes_read_per_token(model) -> int:
 
 
 def machine() -> dict:
-    """The CPU behind every figure: its name, the flags that choose kernels, the threads."""
+    """The CPU behind every figure: its name, the flags that choose kernels, the threads, and
+    which build of the fused decode step this machine gets (``zenlm.infer.native.isa``)."""
     from zenlm import hardware
+    from zenlm.infer import native
 
+    try:
+        build = native.isa() if native.enabled() and native.cpu_supported() else "off"
+    except ValueError as e:  # a ZENLM_FUSED_ISA this CPU cannot run
+        build = f"invalid ({e})"
     return {"cpu": hardware.cpu_model(), "flags": sorted(f for f in hardware.FLAGS_THAT_MATTER
                                                         if f in hardware.cpu_flags()),
-            "native_bf16": hardware.native_bf16(), "describe": hardware.describe()}
+            "native_bf16": hardware.native_bf16(), "fused_build": build,
+            "describe": f"{hardware.describe()}; fused decode build: {build}"}
