@@ -405,3 +405,11 @@ def test_the_build_follows_the_cpu_flags_and_the_switch(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     assert fused.isa() == "avx2"
+
+
+def test_each_build_has_a_folder_of_its_own(native):
+    """torch keeps one build.ninja and one object file a folder: the AVX2 and AVX-512 builds in
+    one folder would rebuild each other whenever a process loaded the other one."""
+    which = fused.isa()
+    assert (fused.build_dir() / which / f"{native.__name__}.so").exists()
+    assert native.__name__ == ("zenlm_decode" if which == "avx2" else f"zenlm_decode_{which}")

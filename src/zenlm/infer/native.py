@@ -73,7 +73,9 @@ def _load(which: str):
     from torch.utils import cpp_extension
 
     name = "zenlm_decode" if which == "avx2" else f"zenlm_decode_{which}"
-    folder = build_dir()
+    # a folder per build: torch writes one build.ninja and one decode.o per folder, so two
+    # builds sharing it would rebuild each other in turn
+    folder = build_dir() / which
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / f"{name}.so").exists():
         log.warning("zenlm: building the native decode step (%s) into %s (once; about a minute)", which, folder)
