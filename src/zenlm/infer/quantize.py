@@ -189,10 +189,12 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] > INT8_MAX_ROWS and self.blocks is not None:
-            # Prefill: as for int8, the float GEMM over the weights dequantized once beats the
-            # weight-only kernel when there are many rows (SmolLM2, 512 tokens: see the README).
+            # Prefill: as for int8 (and at the same row count), the float GEMM over dequantized
+            # weights beats the weight-only kernel when there are many rows (SmolLM2, 512
+            # tokens: see the README).
+            dequantize = q4_dequantizer()
             y = chunked_linear(x2.float(), self.out_features,
-                               lambda a, b: q4_weight(self.blocks[a:b], self.in_features))
+                               lambda a, b: dequantize(self.blocks[a:b], self.in_features))
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
@@ -221,14 +223,18 @@ def q4_dequantized(blocks: torch.Tensor, k: int) -> torch.Tensor:
     return (q * header[..., :1] + header[..., 1:]).reshape(b.shape[0], k)
 
 
-def q4_weight(blocks: torch.Tensor, k: int) -> torch.Tensor:
-    """The fp32 weight ``blocks`` hold, as the fused decode step computes it (one rounding of
-    q * s + m a weight, a few ms a layer) where that extension is built, else through torch
-    (:func:`q4_dequantized`: the same weights but for that one rounding)."""
+def q4_dequantizer():
+    """``(blocks, k) -> the fp32 weight blocks hold``, as the fused decode step computes it (one
+    rounding of q * s + m a weight, a few ms a layer) where that extension is built, else
+    through torch (:func:`q4_dequantized`: the same weights but for that one rounding). Looked
+    up once a forward, not once a chunk: the lookup reads the CPU flags and the environment."""
     module = kernels.native() if kernels.enabled() and kernels.cpu_supported() else None
-    if module is not None:
-        return module.q4_dequantize(blocks, k)
-    return q4_dequantized(blocks, k)
+    return module.q4_dequantize if module is not None else q4_dequantized
+
+
+def q4_weight(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """The fp32 weight ``blocks`` hold (see :func:`q4_dequantizer`)."""
+    return q4_dequantizer()(blocks, k)
 
 
 @torch.no_grad()

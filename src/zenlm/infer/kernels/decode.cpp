@@ -296,6 +296,17 @@ inline void q4_prefetch(const uint8_t* blk) {
     _mm_prefetch(reinterpret_cast<const char*>(blk) + AHEAD<int8_t>, _MM_HINT_T0);
 }
 
+// One int4 row (k weights) as fp32 into ``out``: what the batched kernel and prefill's
+// dequantization both read.
+inline void q4_row(const uint8_t* row, int64_t k, float* out) {
+  for (int64_t g = 0; g < k / 32; ++g) {
+    q4_prefetch(row + g * Q4_BYTES);
+    vec w[Q4_VECS];
+    q4_block(row + g * Q4_BYTES, w);
+    for (int i = 0; i < Q4_VECS; ++i) vstore(out + g * 32 + W * i, w[i]);
+  }
+}
+
 // Q4_VECS accumulators summed in one order (both int4 kernels end with this)
 inline float q4_sum(const vec* a) {
   if constexpr (Q4_VECS == 4) return hsum(vadd(vadd(a[0], a[1]), vadd(a[2], a[3])));
@@ -317,7 +328,7 @@ inline float q4_dot(const uint8_t* row, int64_t k, const float* x) {
 }
 
 // The same sums for NB inputs (rows b0.. of x, each k wide) over a row already dequantized
-// into ``w`` (k floats): bit for bit q4_dot's for each input. 4 x NB accumulators, so each
+// into ``w`` (k floats): bit for bit q4_dot's for each input. Q4_VECS x NB accumulators, so each
 // weight vector loaded serves NB inputs (NB <= NB4 keeps them and the weights in registers).
 template <int NB>
 inline void q4_dot_dequantized(const float* w, int64_t k, const float* x, int64_t b0, float* out) {
@@ -435,13 +446,7 @@ struct Mat {
       wbuf.resize(k);
       const int64_t stride = k / 32 * Q4_BYTES;
       for (int64_t r = r0; r < r1; ++r) {
-        const uint8_t* row = w4 + r * stride;
-        for (int64_t g = 0; g < k / 32; ++g) {
-          q4_prefetch(row + g * Q4_BYTES);
-          vec w[Q4_VECS];
-          q4_block(row + g * Q4_BYTES, w);
-          for (int i = 0; i < Q4_VECS; ++i) vstore(wbuf.data() + g * 32 + W * i, w[i]);
-        }
+        q4_row(w4 + r * stride, k, wbuf.data());
         const float bi = bias ? bias[r] : 0.0f;
         float out[NB4];
         for (int64_t b0 = 0; b0 < batch; b0 += NB4) {
@@ -739,13 +744,7 @@ torch::Tensor q4_dequantize(const torch::Tensor& blocks, int64_t k) {
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t g = 0; g < k / 32; ++g) {
-        vec w[Q4_VECS];
-        q4_block(src + (r * (k / 32) + g) * Q4_BYTES, w);
-        for (int i = 0; i < Q4_VECS; ++i) vstore(dst + r * k + g * 32 + W * i, w[i]);
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r) q4_row(src + r * (k / 32) * Q4_BYTES, k, dst + r * k);
   });
   return out;
 }
