@@ -39,8 +39,9 @@ def native(request):
 
     if not fused.cpu_supported():
         pytest.skip("this CPU lacks AVX2 + FMA, which the native step is compiled for")
-    if request.param == "avx512" and "avx512f" not in cpu_flags():
-        pytest.skip("this CPU does not report avx512f: the AVX-512 build cannot run here")
+    missing = [f for f in fused.AVX512_FLAGS if f not in cpu_flags()]
+    if request.param == "avx512" and missing:
+        pytest.skip(f"this CPU does not report {', '.join(missing)}: the AVX-512 build cannot run here")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(fused.ISA_ENV, request.param)
         module = fused.native()
@@ -80,6 +81,12 @@ def greedy_logits(model, forward, steps: int = 24, forced: torch.Tensor | None =
         logits = decode_rows(forward, cache, nxt[:, None])
         out.append(logits)
     return torch.cat(out), cache
+
+
+def int8_tol(native) -> float:
+    """How far an int8 step's logits may sit from the dequantized fp32 model's: fp32 rounding,
+    or on the VNNI build each matrix's inputs rounded to int16 too (about 2e-5 of a row each)."""
+    return 1e-3 if native.int16_inputs else 1e-4
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -167,7 +174,7 @@ def test_a_batch_of_rows_at_their_own_lengths_equals_the_torch_path(native, rows
     ref = model if quantize == "none" else dequantized_twin(base, model)
     got, want = batch_logits(model, model.decode_forward, rows), batch_logits(ref, ref, rows)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
-    assert rel(got, want).max() < 1e-4
+    assert rel(got, want).max() < (1e-4 if quantize == "none" else int8_tol(native))
 
 
 def test_rows_sitting_out_keep_their_cache_and_length(native):
@@ -262,6 +269,48 @@ def test_an_int4_batch_equals_its_weights_and_each_row_alone(native, rows, monke
     assert torch.equal(got[:, 0], batch_logits(twin, model.decode_forward, 1)[:, 0])
 
 
+def int16_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """int8 rows against inputs rounded to int16 as the VNNI build rounds them (one scale a row,
+    |q| <= qmax so that a row's whole sum fits int32), summed exactly in int64."""
+    k = x.shape[1]
+    qmax = max(1, min(32767, (2**31 - 1) // (128 * k)))
+    amax = x.abs().amax(1)
+    xq = torch.round(x * (qmax / amax)[:, None]).to(torch.int64)
+    sums = (xq @ q.to(torch.int64).T).double()
+    return (sums * (amax / qmax).double()[:, None] * scale.double()[None, :] + bias.double()).float()
+
+
+@pytest.mark.parametrize("k", [576, 100, 1536])  # 100: a tail past the last whole vector
+def test_the_int8_product_is_one_arithmetic_alone_or_batched(native, k):
+    """``int8_linear`` (the step's int8 product, which torch's forward uses for prompt chunks):
+    each input row's result is the same alone or in any batch, bit for bit. The AVX-512 build
+    rounds inputs to int16 and sums exactly (equal to an int64 reference up to the final fp32
+    products); the AVX2 build keeps inputs fp32 (equal to the dequantized product up to
+    summation order)."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(13, k, generator=g) * torch.linspace(0.1, 10, 13)[:, None]
+    x[3, 7] = 40.0  # one outlier: its row's scale is set by it
+    q = torch.randint(-127, 128, (203, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(203, generator=g) / 100
+    bias = torch.randn(203, generator=g)
+    got = native.int8_linear(x, q, scale, bias)
+    alone = torch.cat([native.int8_linear(x[i:i + 1].clone(), q, scale, bias) for i in range(13)])
+    assert torch.equal(got, alone)
+    if native.int16_inputs:
+        want = int16_reference(x, q, scale, bias)
+        assert ((got - want).abs() / want.abs().clamp_min(1e-3)).max() < 1e-5
+    exact = x.double() @ (q.double() * scale.double()[:, None]).T + bias.double()
+    err = (got.double() - exact).norm(dim=1) / exact.norm(dim=1)
+    assert err.max() < (1e-3 if native.int16_inputs else 1e-6)  # int16: row 3 (the outlier) ~3e-4
+    nan = x[:2].clone()
+    nan[1, 5] = float("nan")
+    out = native.int8_linear(nan, q, scale, None)
+    assert out[1].isnan().all() and torch.isfinite(out[0]).all()
+    assert torch.equal(native.int8_linear(torch.zeros(1, k), q, scale, None), torch.zeros(1, 203))
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        native.int8_linear(x[:, :-1], q, scale, None)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_int8_step_computes_the_int8_weights_exactly(native, shape, monkeypatch):
     """Weight-only int8 with fp32 activations: the step equals the fp32 model holding the
@@ -277,7 +326,7 @@ def test_int8_step_computes_the_int8_weights_exactly(native, shape, monkeypatch)
     twin = dequantized_twin(base, model)
     want, _ = greedy_logits(twin, twin)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
-    assert rel(got, want).max() < 1e-4
+    assert rel(got, want).max() < int8_tol(native)
     c = model.config
     if c.d_model % 8 or c.d_ff % 8:
         return  # torch's int8 kernel itself crashes on such widths: nothing to compare with
@@ -389,7 +438,14 @@ def test_the_build_follows_the_cpu_flags_and_the_switch(monkeypatch):
     monkeypatch.setenv(fused.ISA_ENV, "avx512")
     with pytest.raises(ValueError, match="does not report avx512f"):
         fused.isa()
-    monkeypatch.setattr(zenlm.hardware, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512bw"}))
+    skylake = frozenset({"avx2", "fma", "avx512f", "avx512bw"})  # AVX-512 without VNNI
+    monkeypatch.setattr(zenlm.hardware, "cpu_flags", lambda: skylake)
+    with pytest.raises(ValueError, match="does not report avx512_vnni"):
+        fused.isa()
+    monkeypatch.delenv(fused.ISA_ENV)
+    assert fused.isa() == "avx2"
+    monkeypatch.setenv(fused.ISA_ENV, "avx512")
+    monkeypatch.setattr(zenlm.hardware, "cpu_flags", lambda: skylake | {"avx512_vnni"})
     assert fused.isa() == "avx512"
     monkeypatch.setenv(fused.ISA_ENV, "AVX2")
     assert fused.isa() == "avx2"

@@ -26,11 +26,13 @@ int4 groups that are no multiple of 32, bf16, encoders, non-CPU devices) keeps t
 FMA, a machine where the extension cannot be built (one log line says why), and
 ``ZENLM_FUSED=0`` (for A/B runs).
 
-The kernel is built once per instruction set (:func:`isa`): AVX2 + FMA, or AVX-512 where the
-CPU reports ``avx512f``, whose 16-float vectors double what a batch's products do per cycle on
-CPUs with two 512-bit FMA units; ``ZENLM_FUSED_ISA=avx2`` keeps the AVX2 build (A/B:
-``bench/fused_builds_ab.py``). Each build sums a row in one order; the two builds' orders
-differ, as two machines' may.
+The kernel is built once per instruction set (:func:`isa`): AVX2 + FMA, or AVX-512 with VNNI
+where the CPU reports it, whose 16-float vectors double what a batch's products do per cycle
+on CPUs with two 512-bit FMA units, and whose int8 products round each input row once to
+int16 and sum exactly in integers (vpdpwssd: twice an fp32 FMA's products an instruction);
+``ZENLM_FUSED_ISA=avx2`` keeps the AVX2 build (A/B: ``bench/fused_builds_ab.py``). Each build
+computes a row one way, alone or in any batch; the two builds differ in the last bits (int8:
+by the inputs' int16 rounding, about 1e-5 of a logit row).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 
 # the extension's switch, builds and loader live in zenlm.infer.native (quantize uses them too)
-from zenlm.infer.native import (CPU_FLAGS, ENV, ISA_ENV, ISAS, SOURCE, build_dir, cpu_supported, enabled, isa,
+from zenlm.infer.native import (AVX512_FLAGS, CPU_FLAGS, ENV, ISA_ENV, ISAS, SOURCE, build_dir, cpu_supported, enabled, isa,
                                 native)
 
 log = logging.getLogger(__name__)
@@ -206,5 +208,5 @@ def detach(model: nn.Module) -> None:
         del model.__dict__["decode_forward"]
 
 
-__all__ = ["CPU_FLAGS", "ENV", "ISAS", "ISA_ENV", "SOURCE", "FusedDecode", "attach", "build", "build_dir",
+__all__ = ["AVX512_FLAGS", "CPU_FLAGS", "ENV", "ISAS", "ISA_ENV", "SOURCE", "FusedDecode", "attach", "build", "build_dir",
            "cpu_supported", "detach", "enabled", "isa", "native", "unsupported"]

@@ -3,7 +3,7 @@
 Its own module because two others use the extension: :mod:`zenlm.infer.fused` for the decode
 step and :mod:`zenlm.infer.quantize` for int4 prefill's dequantization. The kernel is built with
 the system's g++ on first use into a per-user cache, one build per instruction set
-(:func:`isa`): AVX2 + FMA, or AVX-512 where the CPU reports ``avx512f``.
+(:func:`isa`): AVX2 + FMA, or AVX-512 (with VNNI) where the CPU reports it.
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ ENV = "ZENLM_FUSED"  # "0" turns the native step off
 ISA_ENV = "ZENLM_FUSED_ISA"  # "avx2" or "avx512": which build to use (default: the widest the CPU has)
 SOURCE = Path(__file__).with_name("kernels") / "decode.cpp"
 CPU_FLAGS = ("avx2", "fma")
-# Each build's compiler flags. The AVX-512 build runs the same code over 16-float vectors,
-# which doubles what a batched product does per cycle where the CPU has two 512-bit FMA units.
-ISAS = {"avx2": ("-mavx2", "-mfma"), "avx512": ("-mavx2", "-mfma", "-mavx512f")}
+# Each build's compiler flags. The AVX-512 build runs the same code over 16-float vectors, which what a batched product does per cycle where the CPU has two 512-bit FMA units.
+# doubles what a batched product does per cycle where the CPU has two 512-bit FMA units, and
+# VNNI's integer products (int8 weights against int16 inputs) double an int8 batch's again.
+ISAS = {"avx2": ("-mavx2", "-mfma"),
+        "avx512": ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vnni")}
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # what the AVX-512 build needs
 
 
 def enabled() -> bool:
@@ -40,8 +43,9 @@ def cpu_supported() -> bool:
 
 def isa() -> str:
     """The build the native step uses here: ``ZENLM_FUSED_ISA`` if set, else AVX-512 where the
-    CPU reports ``avx512f``, else AVX2. Asking for AVX-512 on a CPU without it is an error, not
-    a crash on the first illegal instruction. ``ONEDNN_MAX_CPU_ISA=AVX2`` or
+    CPU reports all of :data:`AVX512_FLAGS` (Ice Lake and later Xeons, Zen 4 and later; an
+    AVX-512 CPU without VNNI, such as Skylake-X, takes AVX2), else AVX2. Asking for AVX-512 on a
+    CPU without it is an error, not a crash on the first illegal instruction. ``ONEDNN_MAX_CPU_ISA=AVX2`` or
     ``ATEN_CPU_CAPABILITY=avx2`` (how an AVX-512 machine is told to run AVX2 kernels, to check
     those paths) choose the AVX2 build too."""
     from zenlm.hardware import cpu_flags
@@ -51,12 +55,13 @@ def isa() -> str:
     if want:
         if want not in ISAS:
             raise ValueError(f"{ISA_ENV}={want!r}: expected one of {', '.join(ISAS)}")
-        if want == "avx512" and "avx512f" not in flags:
-            raise ValueError(f"{ISA_ENV}=avx512, but this CPU does not report avx512f")
+        missing = [f for f in AVX512_FLAGS if f not in flags] if want == "avx512" else []
+        if missing:
+            raise ValueError(f"{ISA_ENV}=avx512, but this CPU does not report {', '.join(missing)}")
         return want
     capped = (os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in ("AVX2", "AVX2_VNNI", "AVX", "SSE41")
               or os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() in ("avx2", "default"))
-    return "avx512" if "avx512f" in flags and not capped else "avx2"
+    return "avx512" if all(f in flags for f in AVX512_FLAGS) and not capped else "avx2"
 
 
 def build_dir() -> Path:
@@ -98,4 +103,4 @@ def native(which: str | None = None):
         return None
 
 
-__all__ = ["CPU_FLAGS", "ENV", "ISAS", "ISA_ENV", "SOURCE", "build_dir", "cpu_supported", "enabled", "isa", "native"]
+__all__ = ["AVX512_FLAGS", "CPU_FLAGS", "ENV", "ISAS", "ISA_ENV", "SOURCE", "build_dir", "cpu_supported", "enabled", "isa", "native"]
