@@ -6,10 +6,15 @@ one a machine gets is :func:`zenlm.infer.fused.isa`. Each repetition decodes the
 tokens with one build, then the other (order alternating), on the same prepared model; the
 ratio is the median of the per-repetition ratios. The greedy tokens of the two builds are
 compared too: they sum in different orders, so they may part after a near-tie, but rarely.
-Needs a CPU that reports avx512f.
+Needs a CPU that reports AVX-512 with VNNI (``zenlm.infer.fused.AVX512_FLAGS``).
+
+``--against REV`` compares instead this machine's build of the current kernel against the same
+build of ``kernels/decode.cpp`` as it was at git revision REV (built beside it, once): how a
+kernel change is measured.
 
     python bench/fused_builds_ab.py                          # int8, batches 1 and 8, 3 repetitions
     python bench/fused_builds_ab.py --quantize none --quantize int4 --batch 1 --batch 16
+    python bench/fused_builds_ab.py --against HEAD~1 --batch 1 --batch 8 --batch 16
 """
 
 from __future__ import annotations
@@ -28,7 +33,29 @@ from common import machine  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "fused_builds_ab.json"
 
 
-def run(quantize: str, batches: list[int], reps: int, new_tokens: int) -> dict:
+def build_at(rev: str):
+    """The current ISA's build of ``decode.cpp`` as it was at git revision ``rev``."""
+    import hashlib
+    import subprocess
+
+    from torch.utils import cpp_extension
+
+    from zenlm.infer import fused
+
+    rel = fused.SOURCE.resolve().relative_to(ROOT)
+    text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True, text=True)
+    if text.returncode:
+        raise SystemExit(f"--against {rev}: {text.stderr.strip()}")
+    isa = fused.isa()
+    folder = fused.build_dir().parent / f"ab-{hashlib.sha256(text.stdout.encode()).hexdigest()[:12]}-{isa}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "decode.cpp").write_text(text.stdout)
+    return cpp_extension.load(name=f"zenlm_decode_ab_{isa}", sources=[str(folder / "decode.cpp")],
+                              build_directory=str(folder),
+                              extra_cflags=["-O3", *fused.ISAS[isa], "-ffp-contract=off"], verbose=False)
+
+
+def run(quantize: str, batches: list[int], reps: int, new_tokens: int, against: str | None = None) -> dict:
     import zenlm
     from zenlm.infer import SamplingConfig, fused
     from zenlm.infer.generate import token_steps
@@ -38,7 +65,12 @@ def run(quantize: str, batches: list[int], reps: int, new_tokens: int) -> dict:
     model = prepare_for_decoding(lm.model, quantize=quantize)
     if not isinstance(model.__dict__.get("decode_forward"), fused.FusedDecode):
         raise SystemExit(f"the fused step is not in use here ({fused.unsupported(model) or 'see the log'})")
-    steps = {isa: fused.FusedDecode(model, fused.native(isa)) for isa in ("avx2", "avx512")}
+    if against:
+        a, b = against, "current"
+        steps = {a: fused.FusedDecode(model, build_at(against)), b: fused.FusedDecode(model, fused.native())}
+    else:
+        a, b = "avx2", "avx512"
+        steps = {isa: fused.FusedDecode(model, fused.native(isa)) for isa in (a, b)}
     ids = lm.tokenizer.encode_prompt("Once upon a time")
     cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0, stop_at_eot=False)
 
@@ -50,16 +82,15 @@ def run(quantize: str, batches: list[int], reps: int, new_tokens: int) -> dict:
 
     out = {}
     for batch in batches:
-        decode("avx2", batch), decode("avx512", batch)  # warm-up: both decoders built
-        rates, tokens = {"avx2": [], "avx512": []}, {}
+        decode(a, batch), decode(b, batch)  # warm-up: both decoders built
+        rates, tokens = {a: [], b: []}, {}
         for rep in range(reps):
-            for isa in ("avx2", "avx512") if rep % 2 == 0 else ("avx512", "avx2"):
-                r, tokens[isa] = decode(isa, batch)
-                rates[isa].append(r)
-        out[batch] = {"avx2_tok_s": statistics.median(rates["avx2"]),
-                      "avx512_tok_s": statistics.median(rates["avx512"]),
-                      "ratio": statistics.median(b / a for a, b in zip(rates["avx2"], rates["avx512"])),
-                      "runs": rates, "same_tokens": tokens["avx2"] == tokens["avx512"]}
+            for name in (a, b) if rep % 2 == 0 else (b, a):
+                r, tokens[name] = decode(name, batch)
+                rates[name].append(r)
+        out[batch] = {f"{a}_tok_s": statistics.median(rates[a]), f"{b}_tok_s": statistics.median(rates[b]),
+                      "ratio": statistics.median(y / x for x, y in zip(rates[a], rates[b])),
+                      "runs": rates, "same_tokens": tokens[a] == tokens[b]}
     return out
 
 
@@ -70,27 +101,35 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--against", metavar="REV", help="compare the current kernel with decode.cpp at git revision REV")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     import torch
 
     from zenlm.hardware import cpu_flags
 
-    if "avx512f" not in cpu_flags():
-        raise SystemExit("this CPU does not report avx512f: there is no AVX-512 build to compare")
+    from zenlm.infer.fused import AVX512_FLAGS
+
+    missing = [f for f in AVX512_FLAGS if f not in cpu_flags()]
+    if missing and not args.against:
+        raise SystemExit(f"this CPU does not report {', '.join(missing)}: there is no AVX-512 build to compare")
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()['describe']}")
     out = {}
     for q in args.quantize or ["int8"]:
-        out[q] = run(q, args.batch or [1, 8], args.reps, args.new_tokens)
+        out[q] = run(q, args.batch or [1, 8], args.reps, args.new_tokens, args.against)
         for batch, r in out[q].items():
-            print(f"{'fp32' if q == 'none' else q} batch {batch}: avx2 {r['avx2_tok_s']:.1f} tok/s, avx512 "
-                  f"{r['avx512_tok_s']:.1f} tok/s, ratio {r['ratio']:.2f}x (median of {args.reps}); "
-                  f"same greedy tokens: {r['same_tokens']}", flush=True)
+            (a, ra), (b, rb) = [(k[: -len("_tok_s")], v) for k, v in r.items() if k.endswith("_tok_s")]
+            print(f"{'fp32' if q == 'none' else q} batch {batch}: {a} {ra:.1f} tok/s, {b} {rb:.1f} tok/s, "
+                  f"ratio {r['ratio']:.2f}x (median of {args.reps}); same greedy tokens: {r['same_tokens']}",
+                  flush=True)
     path = Path(args.out)
+    if args.against and path == RESULTS:  # a kernel A/B keeps the builds' A/B
+        path = RESULTS.with_name("kernel_ab.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"machine": machine(), "threads": args.threads, "reps": args.reps,
+    tmp.write_text(json.dumps({"machine": machine(), "against": args.against, "threads": args.threads,
+                               "reps": args.reps,
                                "new_tokens": args.new_tokens, "results": out}, indent=2))
     tmp.replace(path)
     print(f"wrote {path}")

@@ -6,7 +6,9 @@ scale and a zero per group of 32 inputs) by 8. Both are weight-only: each token'
 in float (rounded to bf16 for the kernel, which converts it back to fp32 to accumulate), so only
 the weights' rounding is lost and every projection, the output head included, can go int8.
 
-The products run in torch's own weight-only kernels (``_weight_int8pack_mm``,
+int8 products of up to :data:`INT8_MAX_ROWS` rows run in the fused decode step's own kernel
+(:func:`int8_kernel`) where it is built, so prompts and decoded tokens share one arithmetic;
+otherwise, and for int4, in torch's own weight-only kernels (``_weight_int8pack_mm``,
 ``_weight_int4pack_mm_for_cpu``), which ATen dispatches to AVX2, AVX-512 or NEON code by what
 the CPU reports; they read bf16 inputs but never compute a bf16 product, so unlike a bf16
 matmul they are fast on CPUs without native bf16 too. (An earlier path quantized the input
