@@ -121,12 +121,14 @@ def base_env(threads: int, extra_path: str | None = None) -> dict:
     return env
 
 
-def zenlm_server(state: Path, quantize: str, threads: int, max_batch: int, max_queue: int) -> Server:
+def zenlm_server(state: Path, quantize: str, threads: int, max_batch: int, max_queue: int,
+                 prefill_chunk: int = 256) -> Server:
     from zenlm.serve.keys import KeyStore
 
     key = KeyStore(state).create(f"bench-{quantize}-{time.time_ns()}", ["generate"])[0]
     cmd = [PY, "-m", "zenlm.cli.main", "serve", "--model", "smollm2", "--state", str(state),
            "--port", str(free_port()), "--quantize", quantize, "--max-batch", str(max_batch),
+           "--prefill-chunk", str(prefill_chunk),
            "--max-queue", str(max_queue)]
     return Server(f"zenlm-{'fp32' if quantize == 'none' else quantize}", cmd, base_env(threads), "/ready", key)
 
@@ -218,7 +220,8 @@ def run_load(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     servers = []
     for q in args.quantize:
-        servers.append(lambda q=q: zenlm_server(work / "state", q, args.threads, args.max_batch, args.max_queue))
+        servers.append(lambda q=q: zenlm_server(work / "state", q, args.threads, args.max_batch, args.max_queue,
+                                                      args.prefill_chunk))
     if "llama_cpp" in args.peers:
         servers.append(lambda: llama_cpp_server(args.threads, args.extra_path))
     if "transformers" in args.peers:
@@ -330,7 +333,8 @@ async def soak(server: Server, seconds: float, clients: int, max_tokens: int) ->
 
 def run_soak(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="serve-soak-"))
-    server = zenlm_server(work / "state", args.quantize[0], args.threads, args.max_batch, args.max_queue)
+    server = zenlm_server(work / "state", args.quantize[0], args.threads, args.max_batch, args.max_queue,
+                          args.prefill_chunk)
     server.start()
     try:
         asyncio.run(level(server, min(4, args.max_batch), 1, args.max_tokens, 0))  # warm-up: caches grown
@@ -358,6 +362,7 @@ def main(argv=None) -> int:
     p.add_argument("--peers", default="llama_cpp,transformers")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--prefill-chunk", type=int, default=256, help="zenlm serve's prompt tokens a step")
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--extra-path", help="a folder put on the peers' PYTHONPATH (their server dependencies)")
     p.add_argument("--soak", type=float, metavar="SECONDS", help="soak zenlm at twice capacity instead")
