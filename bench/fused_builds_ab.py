@@ -106,11 +106,9 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from zenlm.hardware import cpu_flags
+    from zenlm.infer.fused import avx512_missing
 
-    from zenlm.infer.fused import AVX512_FLAGS
-
-    missing = [f for f in AVX512_FLAGS if f not in cpu_flags()]
+    missing = avx512_missing()
     if missing and not args.against:
         raise SystemExit(f"this CPU does not report {', '.join(missing)}: there is no AVX-512 build to compare")
     torch.set_num_threads(args.threads)

@@ -35,11 +35,9 @@ def native(request):
     """Each build the CPU can run, in turn: every test below runs against the AVX2 build and,
     on a CPU that reports AVX-512, the AVX-512 one too (chosen through ``ZENLM_FUSED_ISA``, as
     ``prepare_for_decoding`` would choose it)."""
-    from zenlm.hardware import cpu_flags
-
     if not fused.cpu_supported():
         pytest.skip("this CPU lacks AVX2 + FMA, which the native step is compiled for")
-    missing = [f for f in fused.AVX512_FLAGS if f not in cpu_flags()]
+    missing = fused.avx512_missing()
     if request.param == "avx512" and missing:
         pytest.skip(f"this CPU does not report {', '.join(missing)}: the AVX-512 build cannot run here")
     with pytest.MonkeyPatch.context() as mp:

@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 # the extension's switch, builds and loader live in zenlm.infer.native (quantize uses them too)
-from zenlm.infer.native import (AVX512_FLAGS, CPU_FLAGS, ENV, ISA_ENV, ISAS, SOURCE, build_dir, cpu_supported, enabled, isa,
-                                native)
+from zenlm.infer.native import (AVX512_FLAGS, CPU_FLAGS, ENV, ISA_ENV, ISAS, SOURCE, avx512_missing, build_dir,
+                                cpu_supported, enabled, isa, native)
 
 log = logging.getLogger(__name__)
 
@@ -208,5 +208,5 @@ def detach(model: nn.Module) -> None:
         del model.__dict__["decode_forward"]
 
 
-__all__ = ["AVX512_FLAGS", "CPU_FLAGS", "ENV", "ISAS", "ISA_ENV", "SOURCE", "FusedDecode", "attach", "build", "build_dir",
+__all__ = ["AVX512_FLAGS", "CPU_FLAGS", "avx512_missing", "ENV", "ISAS", "ISA_ENV", "SOURCE", "FusedDecode", "attach", "build", "build_dir",
            "cpu_supported", "detach", "enabled", "isa", "native", "unsupported"]

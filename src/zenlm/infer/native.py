@@ -22,7 +22,7 @@ ENV = "ZENLM_FUSED"  # "0" turns the native step off
 ISA_ENV = "ZENLM_FUSED_ISA"  # "avx2" or "avx512": which build to use (default: the widest the CPU has)
 SOURCE = Path(__file__).with_name("kernels") / "decode.cpp"
 CPU_FLAGS = ("avx2", "fma")
-# Each build's compiler flags. The AVX-512 build runs the same code over 16-float vectors, which what a batched product does per cycle where the CPU has two 512-bit FMA units.
+# Each build's compiler flags. The AVX-512 build runs the same code over 16-float vectors, which
 # doubles what a batched product does per cycle where the CPU has two 512-bit FMA units, and
 # VNNI's integer products (int8 weights against int16 inputs) double an int8 batch's again.
 ISAS = {"avx2": ("-mavx2", "-mfma"),
@@ -41,27 +41,32 @@ def cpu_supported() -> bool:
     return all(f in flags for f in CPU_FLAGS)
 
 
+def avx512_missing() -> list[str]:
+    """The flags of :data:`AVX512_FLAGS` this CPU does not report (empty: the AVX-512 build runs)."""
+    from zenlm.hardware import cpu_flags
+
+    flags = cpu_flags()
+    return [f for f in AVX512_FLAGS if f not in flags]
+
+
 def isa() -> str:
     """The build the native step uses here: ``ZENLM_FUSED_ISA`` if set, else AVX-512 where the
     CPU reports all of :data:`AVX512_FLAGS` (Ice Lake and later Xeons, Zen 4 and later; an
     AVX-512 CPU without VNNI, such as Skylake-X, takes AVX2), else AVX2. Asking for AVX-512 on a
-    CPU without it is an error, not a crash on the first illegal instruction. ``ONEDNN_MAX_CPU_ISA=AVX2`` or
-    ``ATEN_CPU_CAPABILITY=avx2`` (how an AVX-512 machine is told to run AVX2 kernels, to check
-    those paths) choose the AVX2 build too."""
-    from zenlm.hardware import cpu_flags
-
-    flags = cpu_flags()
+    CPU without it is an error, not a crash on the first illegal instruction.
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` or ``ATEN_CPU_CAPABILITY=avx2`` (how an AVX-512 machine is told
+    to run AVX2 kernels, to check those paths) choose the AVX2 build too."""
+    missing = avx512_missing()
     want = os.environ.get(ISA_ENV, "").strip().lower()
     if want:
         if want not in ISAS:
             raise ValueError(f"{ISA_ENV}={want!r}: expected one of {', '.join(ISAS)}")
-        missing = [f for f in AVX512_FLAGS if f not in flags] if want == "avx512" else []
-        if missing:
+        if want == "avx512" and missing:
             raise ValueError(f"{ISA_ENV}=avx512, but this CPU does not report {', '.join(missing)}")
         return want
     capped = (os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in ("AVX2", "AVX2_VNNI", "AVX", "SSE41")
               or os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() in ("avx2", "default"))
-    return "avx512" if all(f in flags for f in AVX512_FLAGS) and not capped else "avx2"
+    return "avx512" if not missing and not capped else "avx2"
 
 
 def build_dir() -> Path:
@@ -103,4 +108,5 @@ def native(which: str | None = None):
         return None
 
 
-__all__ = ["AVX512_FLAGS", "CPU_FLAGS", "ENV", "ISAS", "ISA_ENV", "SOURCE", "build_dir", "cpu_supported", "enabled", "isa", "native"]
+__all__ = ["AVX512_FLAGS", "CPU_FLAGS", "ENV", "ISAS", "ISA_ENV", "SOURCE", "avx512_missing", "build_dir", "cpu_supported",
+           "enabled", "isa", "native"]

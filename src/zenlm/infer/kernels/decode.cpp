@@ -354,6 +354,9 @@ inline void q4_dot_dequantized(const float* w, int64_t k, const float* x, int64_
 // ruled out: rounding SmolLM2's inputs to int8 costs +5% perplexity a row, +0.1% in blocks of
 // 64, and blocks of 64 need a conversion and a multiply each, which take back most of the gain.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define ZENLM_INT16_INPUTS 1
+#endif
+#ifdef ZENLM_INT16_INPUTS
 constexpr bool INT16_INPUTS = true;
 
 // The largest |q| for inputs k wide: a row's whole sum, k products of |w| <= 128 and |q|,
@@ -584,7 +587,7 @@ struct Mat {
     }
   }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef ZENLM_INT16_INPUTS
   // int8 rows [r0, r1) of Y = X W^T (+ bias) for B inputs already rounded to int16 (q, (B, k),
   // and their scales qs): four rows at a time against NB4 inputs a pass, then rows left over
   // one at a time. Every (row, input) pair is one exact integer, then one expression.
@@ -623,7 +626,7 @@ struct Mat {
     const int64_t items = (batch == 1 ? 2 : 8) * threads;
     const int64_t per = std::max<int64_t>(16, ((n + items - 1) / items + 3) / 4 * 4);
     const int64_t count = (n + per - 1) / per;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef ZENLM_INT16_INPUTS
     if (wq) {  // the inputs rounded once, on this thread, then every row against them
       thread_local std::vector<int16_t> q;
       thread_local std::vector<float> qs;
