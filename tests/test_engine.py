@@ -267,6 +267,48 @@ def test_a_long_prompt_prefills_in_chunks_while_others_keep_decoding(random_mode
     assert runner.text() == generate(random_model, tokenizer, "def ", max_new_tokens=40, temperature=0)
 
 
+def test_a_joining_prompt_is_computed_in_the_native_decode_step(random_model, tokenizer):
+    """With the native step, a short prompt joins the running rows' step ``native_chunk``
+    tokens at a time: no torch forward at all, a token for the running stream every step, and
+    the same text as alone (other chunkings) and as ``generate``."""
+    from zenlm.infer.fused import FusedDecode
+    from zenlm.infer.prepare import prepare_for_decoding
+
+    model = prepare_for_decoding(copy.deepcopy(random_model))
+    if not isinstance(getattr(model, "decode_forward", None), FusedDecode):
+        pytest.skip("the native decode step is not built on this machine")
+    prompt = ids_of(tokenizer, "import os\nimport sys\n\nclass Foo:\n    def __init__(self, x):\n")
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0)
+    forwards = []
+    hook = model.blocks[0].register_forward_hook(lambda mod, args, out: forwards.append(tuple(args[0].shape[:2])))
+    try:
+        engine = Engine(model, tokenizer, max_batch=2, native_chunk=4)
+        runner = engine.submit(Request(ids_of(tokenizer, "def "), SamplingConfig(max_new_tokens=40, temperature=0)))
+        engine.step()
+        joining = engine.submit(Request(prompt, cfg))
+        steps = 0
+        while not joining._events:
+            before = len(runner._events)
+            engine.step()
+            steps += 1
+            assert len(runner._events) == before + 1
+        assert steps == -(-len(prompt) // 4)
+        drain(engine, [runner, joining])
+        assert forwards == []  # prompts and steps all in the native step
+        assert engine.prefill_tokens_total == len(prompt) + len(ids_of(tokenizer, "def "))
+        alone = Engine(model, tokenizer, max_batch=1, native_chunk=7)
+        solo = alone.submit(Request(prompt, cfg))
+        drain(alone, [solo])
+        long = Engine(model, tokenizer, max_batch=1, native_prompt=8)  # longer prompts: torch's forward
+        by_torch = long.submit(Request(prompt, cfg))
+        drain(long, [by_torch])
+        assert forwards == [(1, len(prompt))]
+    finally:
+        hook.remove()
+    assert joining.text() == solo.text() == by_torch.text() == generate(model, tokenizer, prompt, cfg)
+    assert runner.text() == generate(model, tokenizer, "def ", max_new_tokens=40, temperature=0)
+
+
 # --- prefix reuse ------------------------------------------------------------------------------
 def test_a_conversation_reuses_the_kv_of_its_earlier_turn(random_model, tokenizer):
     cfg = SamplingConfig(max_new_tokens=10, temperature=0)

@@ -193,6 +193,46 @@ def test_rows_sitting_out_keep_their_cache_and_length(native):
     assert torch.equal(got.layers[0][0][1], before[0][1])  # the resting row's keys untouched
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_a_prompt_chunk_rides_in_a_step_beside_decoding_rows(native, quantize, monkeypatch):
+    """The engine's mixed step (``FusedDecode.rows``): a prompt computed in one native step
+    equals the torch prefill (within the step's tolerance) and, bit for bit, the same prompt fed
+    one token a step, or in chunks beside rows that are decoding; only each entry's last
+    token gets logits."""
+    import zenlm.infer.quantize as quant
+
+    monkeypatch.setattr(quant, "INT8_MAX_ROWS", 0)  # int8: prefill through the dequantized weights
+    base = tiny("llama-gqa")
+    model = prepare_for_decoding(copy.deepcopy(base), quantize=quantize)
+    ref = model if quantize == "none" else dequantized_twin(base, model)
+    rows = model.decode_forward.rows
+    prompt = PROMPT + [60, 61, 62, 63, 64]
+    n = len(prompt)
+    with torch.inference_mode():
+        cache, ref_cache = model.new_cache(4, 32, per_row=True), ref.new_cache(1, 32, per_row=True)
+        want = prefill_row(ref, ref_cache, 0, prompt)
+        whole = rows([(0, prompt)], cache)
+        assert whole.shape == want.shape and cache.lengths == [n, 0, 0, 0]
+        assert torch.equal(whole.argmax(-1), want.argmax(-1))
+        assert rel(whole, want).max() < (1e-4 if quantize == "none" else int8_tol(native))
+        if quantize == "none":  # the keys the torch prefill wrote, at the same places
+            assert torch.allclose(cache.layers[1][0][0, :, :n], ref_cache.layers[1][0][0, :, :n], atol=1e-5)
+        for t in prompt:  # one token a step
+            one = rows([(1, [t])], cache)
+        assert torch.equal(one, whole)
+        for (k, v) in cache.layers:
+            assert torch.equal(k[0, :, :n], k[1, :, :n]) and torch.equal(v[0, :, :n], v[1, :, :n])
+        for s in range(0, n, 5):  # chunks of 5 into row 2 while rows 0 and 1 decode a token each
+            out = rows([(0, [7]), (2, prompt[s:s + 5]), (1, [7])], cache)
+        assert out.shape[0] == 3 and cache.lengths == [n + 3, n + 3, n, 0]
+        assert torch.equal(out[1], whole[0]) and torch.equal(out[0], out[2])
+        with pytest.raises(ValueError, match="its own cache row"):
+            rows([(3, [1]), (3, [2])], cache)
+        with pytest.raises(ValueError, match="KV cache holds 32"):
+            rows([(3, list(range(33)))], cache)
+        assert cache.lengths == [n + 3, n + 3, n, 0]  # a refused call moves nothing
+
+
 def exact_weight(layer: nn.Module) -> torch.Tensor | None:
     """The fp32 weight a quantized layer's rows stand for in the native step (None: float)."""
     if isinstance(layer, Int8Linear):

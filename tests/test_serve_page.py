@@ -59,11 +59,11 @@ class HeldDecode:
         self.engine, self.reached, self.go = engine, threading.Event(), threading.Event()
         inner = engine._decode
 
-        def held():
+        def held(chunks):
             if not self.go.is_set() and any(r is not None and r.pending is not None for r in engine._rows):
                 self.reached.set()
                 self.go.wait(60)
-            inner()
+            inner(chunks)
 
         engine._decode = held
 

@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="rows in the running decode batch")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond it (then 503)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step")
+    p.add_argument("--native-chunk", type=int, default=16,
+                   help="with the native decode step: prompt tokens computed inside each decode step "
+                        "(0: prompts through the model's forward)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
     p.add_argument("--audit-prompts", action="store_true",
@@ -40,7 +43,8 @@ def run(args) -> int:
     from zenlm.serve.app import create_app
 
     app = create_app(loaded, state_dir=args.state, max_batch=args.max_batch, max_queue=args.max_queue,
-                     prefill_chunk=args.prefill_chunk, audit_prompts=args.audit_prompts,
+                     prefill_chunk=args.prefill_chunk,
+                     native_chunk=args.native_chunk, audit_prompts=args.audit_prompts,
                      model_name=args.name or ("smollm2" if args.model == "smollm2" else None),
                      grace=args.grace, policy=policy)
     print(f"zenlm: serving {app.state.zenlm.model_name} on http://{args.host}:{args.port} "

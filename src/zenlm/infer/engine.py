@@ -8,11 +8,17 @@ thread does, in order:
 1. the work handed in with :meth:`Engine.call` (embeddings, prompt scoring), so it never races
    the decode;
 2. cancelled rows leave (their slot is free for the next request);
-3. up to ``prefill_chunk`` prompt tokens are prefilled, a chunk of the oldest prompt at a time,
-   taking new requests from the queue as slots free up; a long prompt thus spreads over several
-   steps instead of stalling the streams already running;
+3. new requests leave the queue as slots free up, and this step's prompt chunks are chosen,
+   the oldest prompt's first: up to ``prefill_chunk`` tokens through the model's forward, so a
+   long prompt spreads over several steps instead of stalling the streams already running;
 4. one forward of one token for every decoding row, however many there are: on a CPU this is
-   what buys throughput, since the weights are read once per step for the whole batch.
+   what buys throughput, since the weights are read once per step for the whole batch. Where
+   the native step runs (``infer/fused.py``), prompts of up to ``native_prompt`` tokens go
+   into this same step, ``native_chunk`` tokens of them a step, as extra rows at successive
+   positions of their slot: a joining prompt then costs the running streams a few rows of
+   their step instead of a forward of its own between two of their tokens (the time between
+   tokens that a server's clients see). Those rows are computed exactly as one token a step
+   would be, so a prompt's logits do not depend on its chunking or on its company.
 
 Each row samples with its own settings and its own ``torch.Generator``, so a seeded request
 gives the same text alone or batched, and greedy rows equal their solo runs.
@@ -168,6 +174,7 @@ class _Row:
         self.budget = budget
         self.generated = 0
         self.pending: int | None = None  # the last sampled token, fed at the next decode step
+        self.native = False  # whether its prompt goes through the native step (Engine._admit)
         self.text = RowText(tokenizer, self.cfg)
         self.gen = None
         if self.cfg.seed is not None:
@@ -193,14 +200,17 @@ class Engine:
     """Continuous batching over one model. See the module docstring for what a step does.
 
     ``max_batch`` rows decode together; ``max_queue`` requests may wait for a row (more raise
-    :class:`QueueFull`); ``prefill_chunk`` prompt tokens are prefilled per step; ``max_len``
+    :class:`QueueFull`); ``prefill_chunk`` prompt tokens are prefilled per step through the
+    model's forward, or with the native step ``native_chunk`` tokens of prompts of up to
+    ``native_prompt`` tokens (see the module docstring); ``max_len``
     caps a row's prompt + completion (default: the model's context). The KV cache starts small
     and doubles up to ``max_batch`` x ``max_len`` as rows need it. A prefix of at least
     ``reuse_min`` tokens is reused from the cache rather than recomputed.
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 256, max_len: int | None = None, reuse_min: int = 4):
+                 prefill_chunk: int = 256, max_len: int | None = None, reuse_min: int = 4,
+                 native_chunk: int = 16, native_prompt: int = 128):
         self.model = model
         self.body = getattr(model, "backbone", model)
         self.tokenizer = tokenizer
@@ -211,6 +221,9 @@ class Engine:
         self.device = self.body.tok_emb.weight.device
         self.cache = self.body.new_cache(max_batch, min(self.max_len, 256), per_row=True)
         self._forward = getattr(self.body, "decode_forward", self.body)  # see compile_decoding
+        # the native step (infer/fused.py) computes prompt chunks beside the decoding rows
+        self._native = self._forward if getattr(self._forward, "can_run", lambda c: False)(self.cache) else None
+        self.native_chunk, self.native_prompt = max(0, native_chunk), native_prompt  # 0: off
         self._rows: list[_Row | None] = [None] * max_batch
         self._tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each slot's KV holds
         self._prefilling: list[_Row] = []  # rows in a slot whose prompt is not all in the cache
@@ -349,8 +362,7 @@ class Engine:
                 fut, fn, args, kwargs = self._calls.popleft()
             self._run_call(fut, fn, args, kwargs)
         self._reap()
-        self._prefill()
-        self._decode()
+        self._decode(self._prefill())
 
     def _run_call(self, fut, fn, args, kwargs) -> None:
         if not fut.set_running_or_notify_cancel():
@@ -426,6 +438,8 @@ class Engine:
         self._tokens[slot] = row.seq
         handle.reused_tokens = best_n
         self.reused_tokens_total += best_n
+        row.native = (self._native is not None and self.native_chunk > 0
+                      and len(prompt) - best_n <= self.native_prompt)
         self._prefilling.append(row)
         return row
 
@@ -433,27 +447,41 @@ class Engine:
         if end > self.cache.max_len:
             self.cache.grow(min(self.max_len, max(end, 2 * self.cache.max_len)))
 
-    def _prefill(self) -> None:
-        """Up to ``prefill_chunk`` prompt tokens: the rows already prefilling first (oldest
-        first), then new requests while slots are free; all of them in one forward."""
-        budget, batch = self.prefill_chunk, []
-        for row in self._prefilling:
-            if budget == 0:
-                break
+    def _prefill(self) -> list:
+        """Take this step's prompt chunks: the rows already prefilling first (oldest first),
+        then new requests while slots are free. A prompt the native step takes (at most
+        ``native_prompt`` tokens to compute) goes ``native_chunk`` tokens a step (all of it
+        while no stream decodes) into the decode step itself, returned as (row, start, n); any
+        other goes through the model's forward here, ``prefill_chunk`` tokens a step, all such
+        rows in one forward. Why 128: past it torch's GEMMs compute a long fp32 prompt faster
+        than the step's batch kernel (1.8x at 128 tokens on a Zen 4; int8 is faster natively
+        at every length measured, to 128)."""
+        # with no stream decoding nobody waits on this step: a native prompt goes in whole
+        # (chunking never changes what a native row computes)
+        busy = any(r is not None and r.pending is not None for r in self._rows)
+        budget = {False: self.prefill_chunk,
+                  True: 0 if self._native is None else self.native_chunk if busy else max(self.native_chunk,
+                                                                                          self.native_prompt)}
+        batch, chunks = [], []
+
+        def take(row) -> None:
             start = self.cache.lengths[row.slot]
-            n = min(budget, len(row.prompt) - start)
-            batch.append((row, start, n))
-            budget -= n
-        while budget > 0:
-            row = self._admit(batch)
+            n = min(budget[row.native], len(row.prompt) - start)
+            if n:
+                budget[row.native] -= n
+                (chunks if row.native else batch).append((row, start, n))
+
+        for row in self._prefilling:
+            if not any(budget.values()):
+                break
+            take(row)
+        while any(budget.values()):
+            row = self._admit(batch + chunks)
             if row is None:
                 break
-            start = self.cache.lengths[row.slot]
-            n = min(budget, len(row.prompt) - start)
-            batch.append((row, start, n))
-            budget -= n
+            take(row)
         if not batch:
-            return
+            return chunks
         self._ensure(max(start + n for _, start, n in batch))
         if len(batch) == 1 or max(start for _, start, _ in batch) + max(n for _, _, n in batch) > self.max_len:
             # straight into the slots (padding to one width would run past the context)
@@ -462,6 +490,11 @@ class Engine:
         else:
             logits = self._prefill_together(batch)
         self.prefill_tokens_total += sum(n for _, _, n in batch)
+        self._prefilled(batch, logits)
+        return chunks
+
+    def _prefilled(self, batch: list, logits: torch.Tensor) -> None:
+        """Rows of ``batch`` whose whole prompt is now cached sample their first token."""
         done = [(row, i) for i, (row, _, _) in enumerate(batch) if self.cache.lengths[row.slot] == len(row.prompt)]
         for row, _ in done:
             self._prefilling.remove(row)
@@ -489,21 +522,35 @@ class Engine:
             self.cache.lengths[row.slot] = start + n
         return logits
 
-    def _decode(self) -> None:
+    def _decode(self, chunks: list) -> None:
+        """One token for every decoding row in one forward, with the native step also this
+        step's prompt chunks (row, start, n): their positions ride along with the decoding rows,
+        so a joining prompt costs the running streams a few rows of a step, not a forward."""
         slots = [s for s, r in enumerate(self._rows) if r is not None and r.pending is not None]
-        if not slots:
+        if not slots and not chunks:
             return
-        hi = slots[-1] + 1
-        live = [False] * hi
-        tokens = [0] * hi
-        for s in slots:
-            live[s], tokens[s] = True, self._rows[s].pending
-        self._ensure(max(self.cache.lengths[s] for s in slots) + 1)
-        logits = decode_rows(self._forward, self.cache, torch.tensor(tokens, device=self.device)[:, None], live)
         rows = [self._rows[s] for s in slots]
+        if self._native is not None:
+            entries = [(s, [r.pending]) for s, r in zip(slots, rows)]
+            entries += [(row.slot, row.prompt[start:start + n]) for row, start, n in chunks]
+            self._ensure(max(self.cache.lengths[s] + len(ids) for s, ids in entries))
+            logits = self._native.rows(entries, self.cache)
+            self.prefill_tokens_total += sum(n for _, _, n in chunks)
+        else:
+            hi = slots[-1] + 1
+            live = [False] * hi
+            tokens = [0] * hi
+            for s in slots:
+                live[s], tokens[s] = True, self._rows[s].pending
+            self._ensure(max(self.cache.lengths[s] for s in slots) + 1)
+            logits = decode_rows(self._forward, self.cache, torch.tensor(tokens, device=self.device)[:, None], live)
+            logits = logits[slots] if len(slots) < hi else logits
         for row in rows:
             row.seq.append(row.pending)
-        self._choose(rows, logits[slots] if len(slots) < hi else logits)
+        if rows:
+            self._choose(rows, logits[:len(rows)])
+        if chunks:
+            self._prefilled(chunks, logits[len(rows):])
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample each row's next token from its logits (one row per line) and emit it."""

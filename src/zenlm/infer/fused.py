@@ -183,6 +183,47 @@ class FusedDecode:
         return logits
 
 
+    def can_run(self, cache) -> bool:
+        """Whether :meth:`rows` can compute over ``cache`` (a full per-row fp32 cache)."""
+        return (self.module is not None and cache is not None and cache.lengths is not None
+                and not getattr(cache, "cross", None) and cache.layers[0][0].dtype == torch.float32)
+
+    def rows(self, entries: list[tuple[int, list[int]]], cache) -> torch.Tensor:
+        """Several cache rows' next tokens in one native step, each entry ``(cache row, tokens)``
+        at that row's length: one token for a decoding row, a prompt chunk for a prefilling one
+        (its positions are computed causally, exactly as one token a step would be). Every
+        weight is read once for all of them, so a joining prompt rides along with the running
+        streams' step instead of stalling them. Logits of each entry's last token (len, V); the
+        rows' lengths advance."""
+        if not self.can_run(cache):
+            raise ValueError("native rows need a per-row fp32 KV cache and the built extension")
+        tokens, positions, slots, last = [], [], [], []
+        seen = set()
+        for slot, ids in entries:
+            if slot in seen or not ids:
+                raise ValueError("each entry needs its own cache row and at least one token")
+            seen.add(slot)
+            start = cache.lengths[slot]
+            tokens += ids
+            positions += range(start, start + len(ids))
+            slots += [slot] * len(ids)
+            last.append(len(tokens) - 1)
+        end = max(positions) + 1
+        if end > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {end}")
+        if end > self.model.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the context of {self.model.config.max_seq_len}")
+        if self.decoder is None:
+            self.decoder = build(self.model, self.module)
+        logits = self.decoder.step(tokens, positions, slots, [k for k, _ in cache.layers],
+                                   [v for _, v in cache.layers], last)
+        lengths = list(cache.lengths)
+        for slot, ids in entries:
+            lengths[slot] += len(ids)
+        cache.lengths = lengths
+        return logits[:, 0]
+
+
 def attach(model: nn.Module) -> bool:
     """Route ``model``'s one-token decode steps through the native step where it applies
     (see the module docstring); whether it did. Never raises for an unsupported case."""

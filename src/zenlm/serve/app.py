@@ -135,7 +135,8 @@ def default_model_name(source: str) -> str:
 
 
 def create_app(loaded, *, state_dir: str | Path, engine=None, max_batch: int = 16, max_queue: int = 64,
-               prefill_chunk: int = 256, max_len: int | None = None, audit_prompts: bool = False,
+               prefill_chunk: int = 256, native_chunk: int = 16, max_len: int | None = None,
+               audit_prompts: bool = False,
                model_name: str | None = None, grace: float = 30.0, checkpoint_every: int = 100,
                policy=None):
     """The server app for a prepared model (``zenlm.infer.prepare.prepare_for_decoding`` done).
@@ -160,7 +161,7 @@ def create_app(loaded, *, state_dir: str | Path, engine=None, max_batch: int = 1
         from zenlm.infer.engine import Engine
 
         engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue,
-                        prefill_chunk=prefill_chunk, max_len=max_len)
+                        prefill_chunk=prefill_chunk, native_chunk=native_chunk, max_len=max_len)
     keys = KeyStore(state_dir)
     tok = loaded.tokenizer
     eot = end_of_turn(tok) if tok is not None and tok.chat_template else None

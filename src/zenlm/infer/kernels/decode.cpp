@@ -739,10 +739,13 @@ class Decoder {
   // their keys and values are written into every layer's cache tensors (rows, kv_heads,
   // capacity, head_dim) there, and attention reads that row's positions 0..positions[b]. Every
   // row's sums run in one order whatever the batch or the threads, so a row decodes the same
-  // alone or in any batch.
+  // alone or in any batch. A layer writes every row's keys before any row attends, so rows
+  // of one cache row at successive positions are a causal prompt chunk, computed exactly as
+  // those tokens would be one step each. ``logit_rows`` (ascending; empty: all) picks the
+  // rows whose logits are wanted: a prompt chunk needs only its last.
   torch::Tensor step(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
                      const std::vector<int64_t>& cache_rows, const std::vector<torch::Tensor>& keys,
-                     const std::vector<torch::Tensor>& values) {
+                     const std::vector<torch::Tensor>& values, const std::vector<int64_t>& logit_rows) {
     std::lock_guard<std::mutex> guard(mu_);  // one step at a time: the scratch is shared
     const int want = std::max(1, at::get_num_threads());  // torch's thread count, as it is now
     if (!pool_ || pool_->threads() != want) pool_ = std::make_unique<Pool>(want);
@@ -760,6 +763,9 @@ class Decoder {
       TORCH_CHECK(positions[b] >= 0 && positions[b] < cos_.size(0), "position beyond the rope tables");
       longest = std::max(longest, positions[b] + 1);
     }
+    for (size_t j = 0; j < logit_rows.size(); ++j)
+      TORCH_CHECK(logit_rows[j] >= 0 && logit_rows[j] < B && (j == 0 || logit_rows[j] > logit_rows[j - 1]),
+                  "logit rows must be ascending row indices");
     for (int64_t i = 0; i < L; ++i) {
       for (const auto* t : {&keys[i], &values[i]}) {
         TORCH_CHECK(t->scalar_type() == torch::kFloat && t->dim() == 4 && t->size(0) >= rows_needed &&
@@ -813,9 +819,13 @@ class Decoder {
       l.down.apply(*pool_, tmp_.data(), xn_.data(), B);
       for (int64_t j = 0; j < B * d_; ++j) x_[j] += xn_[j];
     }
-    for (int64_t b = 0; b < B; ++b) rmsnorm(x_.data() + b * d_, final_norm_.data_ptr<float>(), xn_.data() + b * d_);
-    torch::Tensor logits = torch::empty({B, 1, vocab_}, torch::kFloat);
-    head_.apply(*pool_, xn_.data(), logits.data_ptr<float>(), B);
+    const int64_t out_rows = logit_rows.empty() ? B : static_cast<int64_t>(logit_rows.size());
+    for (int64_t j = 0; j < out_rows; ++j) {  // the wanted rows, packed at the front
+      const int64_t b = logit_rows.empty() ? j : logit_rows[j];
+      rmsnorm(x_.data() + b * d_, final_norm_.data_ptr<float>(), xn_.data() + j * d_);
+    }
+    torch::Tensor logits = torch::empty({out_rows, 1, vocab_}, torch::kFloat);
+    head_.apply(*pool_, xn_.data(), logits.data_ptr<float>(), out_rows);
     return logits;
   }
 
@@ -932,7 +942,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, Opt, torch::Tensor, torch::Tensor,
                     int64_t, int64_t, int64_t, int64_t, double>())
       .def("add_layer", &Decoder::add_layer)
-      .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>())
+      .def("step", &Decoder::step, py::arg("tokens"), py::arg("positions"), py::arg("cache_rows"),
+           py::arg("keys"), py::arg("values"), py::arg("logit_rows") = std::vector<int64_t>{},
+           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("n_layer", &Decoder::n_layer);
   m.def("q4_dequantize", &q4_dequantize, py::call_guard<py::gil_scoped_release>());
   m.def("int8_linear", &int8_linear, py::call_guard<py::gil_scoped_release>());
