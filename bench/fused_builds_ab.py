@@ -15,6 +15,7 @@ kernel change is measured.
     python bench/fused_builds_ab.py                          # int8, batches 1 and 8, 3 repetitions
     python bench/fused_builds_ab.py --quantize none --quantize int4 --batch 1 --batch 16
     python bench/fused_builds_ab.py --against HEAD~1 --batch 1 --batch 8 --batch 16
+    python bench/fused_builds_ab.py --against HEAD~1 --prompt-tokens 400   # attention's share grows
 """
 
 from __future__ import annotations
@@ -55,7 +56,19 @@ def build_at(rev: str):
                               extra_cflags=["-O3", *fused.ISAS[isa], "-ffp-contract=off"], verbose=False)
 
 
-def run(quantize: str, batches: list[int], reps: int, new_tokens: int, against: str | None = None) -> dict:
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    """A short story opening, or (``n`` > 0) the first ``n`` tokens of this project's README:
+    a long context, where attention over the KV cache is a larger part of a step."""
+    if n <= 0:
+        return tokenizer.encode_prompt("Once upon a time")
+    ids = tokenizer.encode((ROOT / "README.md").read_text(encoding="utf-8"))[:n]
+    if len(ids) < n:
+        raise SystemExit(f"--prompt-tokens {n}: the README holds only {len(ids)} tokens")
+    return ids
+
+
+def run(quantize: str, batches: list[int], reps: int, new_tokens: int, against: str | None = None,
+        prompt_tokens: int = 0) -> dict:
     import zenlm
     from zenlm.infer import SamplingConfig, fused
     from zenlm.infer.generate import token_steps
@@ -71,7 +84,7 @@ def run(quantize: str, batches: list[int], reps: int, new_tokens: int, against: 
     else:
         a, b = "avx2", "avx512"
         steps = {isa: fused.FusedDecode(model, fused.native(isa)) for isa in (a, b)}
-    ids = lm.tokenizer.encode_prompt("Once upon a time")
+    ids = prompt_ids(lm.tokenizer, prompt_tokens)
     cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0, stop_at_eot=False)
 
     def decode(isa: str, batch: int) -> tuple[float, list]:
@@ -101,6 +114,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--prompt-tokens", type=int, default=0,
+                   help="start from the README's first N tokens (a long context) instead of a short prompt")
     p.add_argument("--against", metavar="REV", help="compare the current kernel with decode.cpp at git revision REV")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
@@ -115,7 +130,7 @@ def main() -> None:
     print(f"machine: {machine()['describe']}")
     out = {}
     for q in args.quantize or ["int8"]:
-        out[q] = run(q, args.batch or [1, 8], args.reps, args.new_tokens, args.against)
+        out[q] = run(q, args.batch or [1, 8], args.reps, args.new_tokens, args.against, args.prompt_tokens)
         for batch, r in out[q].items():
             (a, ra), (b, rb) = [(k[: -len("_tok_s")], v) for k, v in r.items() if k.endswith("_tok_s")]
             print(f"{'fp32' if q == 'none' else q} batch {batch}: {a} {ra:.1f} tok/s, {b} {rb:.1f} tok/s, "
@@ -128,7 +143,8 @@ def main() -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"machine": machine(), "against": args.against, "threads": args.threads,
                                "reps": args.reps,
-                               "new_tokens": args.new_tokens, "results": out}, indent=2))
+                               "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+                               "results": out}, indent=2))
     tmp.replace(path)
     print(f"wrote {path}")
 

@@ -848,7 +848,12 @@ class Decoder {
     for (int64_t j = 0; j < hd_; ++j) x[j] = x[j] * cos[j] + buf[j] * sin[j];
   }
 
-  // One query per head and row over that row's positions 0..pos; softmax in fp32.
+  // One query per head and row over that row's positions 0..pos; softmax in fp32. A work item
+  // is one row's KV head with the query heads that share it (GQA), one after another on one
+  // thread, so the group's keys and values are read from memory once and then from this core's
+  // cache: a batch's KV is tens of MB a step (8 rows of SmolLM2 at position 100: 37 MB), and
+  // an item per query head made the threads fetch it once per head (an int8 step of 8 rows at
+  // position 100 / 400, alternating on a Zen 4: 1.06x / 1.44x).
   void attend(const float* kc, const float* vc, int64_t cap, const std::vector<int64_t>& positions,
               const std::vector<int64_t>& cache_rows, int64_t nq, int64_t longest) {
     const int64_t group = nh_ / nkv_;
@@ -856,8 +861,8 @@ class Decoder {
     const int64_t B = static_cast<int64_t>(positions.size());
     int64_t work = 0;
     for (int64_t p : positions) work += (p + 1) * hd_;
-    auto head = [&](int64_t item) {
-      const int64_t b = item / nh_, h = item % nh_;
+    auto head = [&](int64_t b, int64_t h) {
+      const int64_t item = b * nh_ + h;
       const int64_t n = positions[b] + 1;
       const float* qh = qkv_.data() + b * nq + h * hd_;
       const float* kh = kc + (cache_rows[b] * nkv_ + h / group) * cap * hd_;
@@ -878,10 +883,14 @@ class Decoder {
       const float inv = 1.0f / sum;
       for (int64_t t = 0; t < n; ++t) axpy(s[t] * inv, vh + t * hd_, out, hd_);
     };
+    auto kv_head = [&](int64_t item) {
+      const int64_t b = item / nkv_, g = item % nkv_;
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) head(b, h);
+    };
     if (work >= 4096) {
-      pool_->run(B * nh_, head);
+      pool_->run(B * nkv_, kv_head);
     } else {
-      for (int64_t item = 0; item < B * nh_; ++item) head(item);
+      for (int64_t item = 0; item < B * nkv_; ++item) kv_head(item);
     }
   }
 
