@@ -159,16 +159,8 @@ class FusedDecode:
         if not rows:
             return torch.zeros(b, 1, self.model.config.vocab_size)
         positions = [cache.lengths[i] for i in rows] if per_row else [cache.pos] * b
-        end = max(positions) + 1
-        if end > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {end}")
-        if end > self.model.config.max_seq_len:
-            raise ValueError(f"sequence of {end} tokens exceeds the context of {self.model.config.max_seq_len}")
-        if self.decoder is None:
-            self.decoder = build(self.model, self.module)
         tokens = idx[:, 0].tolist()
-        logits = self.decoder.step([tokens[i] for i in rows], positions, rows, [k for k, _ in cache.layers],
-                                   [v for _, v in cache.layers])
+        logits = self._step([tokens[i] for i in rows], positions, rows, cache)
         if per_row:
             lengths = list(cache.lengths)
             for i, p in zip(rows, positions):
@@ -182,6 +174,19 @@ class FusedDecode:
             logits = full
         return logits
 
+
+    def _step(self, tokens: list[int], positions: list[int], slots: list[int], cache,
+              logit_rows: list[int] | None = None) -> torch.Tensor:
+        """The native step over ``cache``'s tensors, after the checks that name what is wrong."""
+        end = max(positions) + 1
+        if end > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {end}")
+        if end > self.model.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the context of {self.model.config.max_seq_len}")
+        if self.decoder is None:
+            self.decoder = build(self.model, self.module)
+        return self.decoder.step(tokens, positions, slots, [k for k, _ in cache.layers],
+                                 [v for _, v in cache.layers], logit_rows or [])
 
     def can_run(self, cache) -> bool:
         """Whether :meth:`rows` can compute over ``cache`` (a full per-row fp32 cache)."""
@@ -208,15 +213,7 @@ class FusedDecode:
             positions += range(start, start + len(ids))
             slots += [slot] * len(ids)
             last.append(len(tokens) - 1)
-        end = max(positions) + 1
-        if end > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {end}")
-        if end > self.model.config.max_seq_len:
-            raise ValueError(f"sequence of {end} tokens exceeds the context of {self.model.config.max_seq_len}")
-        if self.decoder is None:
-            self.decoder = build(self.model, self.module)
-        logits = self.decoder.step(tokens, positions, slots, [k for k, _ in cache.layers],
-                                   [v for _, v in cache.layers], last)
+        logits = self._step(tokens, positions, slots, cache, last)
         lengths = list(cache.lengths)
         for slot, ids in entries:
             lengths[slot] += len(ids)
