@@ -185,8 +185,10 @@ class FusedDecode:
             raise ValueError(f"sequence of {end} tokens exceeds the context of {self.model.config.max_seq_len}")
         if self.decoder is None:
             self.decoder = build(self.model, self.module)
+        # (logit_rows only where given: a kernel from before it, built by bench/fused_builds_ab.py
+        # --against, still takes one-token steps)
         return self.decoder.step(tokens, positions, slots, [k for k, _ in cache.layers],
-                                 [v for _, v in cache.layers], logit_rows or [])
+                                 [v for _, v in cache.layers], *([logit_rows] if logit_rows else []))
 
     def can_run(self, cache) -> bool:
         """Whether :meth:`rows` can compute over ``cache`` (a full per-row fp32 cache)."""
