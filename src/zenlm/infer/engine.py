@@ -221,9 +221,11 @@ class Engine:
         self.device = self.body.tok_emb.weight.device
         self.cache = self.body.new_cache(max_batch, min(self.max_len, 256), per_row=True)
         self._forward = getattr(self.body, "decode_forward", self.body)  # see compile_decoding
-        # the native step (infer/fused.py) computes prompt chunks beside the decoding rows
-        self._native = self._forward if getattr(self._forward, "can_run", lambda c: False)(self.cache) else None
-        self.native_chunk, self.native_prompt = max(0, native_chunk), native_prompt  # 0: off
+        # the native step (infer/fused.py) computes prompt chunks beside the decoding rows;
+        # native_chunk 0 keeps every step on the path without it (A/B)
+        runs = native_chunk > 0 and getattr(self._forward, "can_run", lambda cache: False)(self.cache)
+        self._native = self._forward if runs else None
+        self.native_chunk, self.native_prompt = native_chunk, native_prompt
         self._rows: list[_Row | None] = [None] * max_batch
         self._tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each slot's KV holds
         self._prefilling: list[_Row] = []  # rows in a slot whose prompt is not all in the cache
@@ -438,8 +440,7 @@ class Engine:
         self._tokens[slot] = row.seq
         handle.reused_tokens = best_n
         self.reused_tokens_total += best_n
-        row.native = (self._native is not None and self.native_chunk > 0
-                      and len(prompt) - best_n <= self.native_prompt)
+        row.native = self._native is not None and len(prompt) - best_n <= self.native_prompt
         self._prefilling.append(row)
         return row
 
@@ -459,9 +460,8 @@ class Engine:
         # with no stream decoding nobody waits on this step: a native prompt goes in whole
         # (chunking never changes what a native row computes)
         busy = any(r is not None and r.pending is not None for r in self._rows)
-        budget = {False: self.prefill_chunk,
-                  True: 0 if self._native is None else self.native_chunk if busy else max(self.native_chunk,
-                                                                                          self.native_prompt)}
+        native = self.native_chunk if busy else max(self.native_chunk, self.native_prompt)
+        budget = {False: self.prefill_chunk, True: native if self._native is not None else 0}
         batch, chunks = [], []
 
         def take(row) -> None:

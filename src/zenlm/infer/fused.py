@@ -174,7 +174,6 @@ class FusedDecode:
             logits = full
         return logits
 
-
     def _step(self, tokens: list[int], positions: list[int], slots: list[int], cache,
               logit_rows: list[int] | None = None) -> torch.Tensor:
         """The native step over ``cache``'s tensors, after the checks that name what is wrong."""
