@@ -145,11 +145,11 @@ class Pool {
       for (int64_t i = 0; i < n; ++i) fn(i);
       return;
     }
+    TORCH_CHECK(n <= MAX_ITEMS, "a phase of ", n, " items is more than the pool's ", MAX_ITEMS);
     job_.store(&fn, std::memory_order_relaxed);
-    total_.store(n, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     const uint64_t epoch = (state_.load(std::memory_order_relaxed) >> 32) + 1;
-    state_.store(epoch << 32, std::memory_order_seq_cst);
+    state_.store(epoch << 32 | static_cast<uint64_t>(n) << 16, std::memory_order_seq_cst);
     if (sleeping_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lock(mu_);
       cv_.notify_all();
@@ -159,11 +159,16 @@ class Pool {
   }
 
  private:
+  // The phase's item count sits in the word the items are claimed from: read from a separate
+  // word, a thread that had just found the last phase's items all claimed could see the next
+  // phase's larger count before its phase began, claim an item of the old phase's number and
+  // run the new job with it, and the caller could count that item done twice and return while
+  // another was still being written (seen as a rare batch whose greedy tokens changed).
   void claim(uint64_t epoch) {
     uint64_t s = state_.load(std::memory_order_acquire);
     while ((s >> 32) == epoch) {
-      const int64_t i = static_cast<int64_t>(s & 0xffffffffu);
-      if (i >= total_.load(std::memory_order_relaxed)) return;
+      const int64_t i = static_cast<int64_t>(s & 0xffffu);
+      if (i >= static_cast<int64_t>((s >> 16) & 0xffffu)) return;
       if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) {
         (*job_.load(std::memory_order_relaxed))(i);
         done_.fetch_add(1, std::memory_order_release);
@@ -194,11 +199,11 @@ class Pool {
   }
 
   std::vector<std::thread> workers_;
-  std::atomic<uint64_t> state_{0};  // phase (high 32 bits), next item (low 32)
+  static constexpr int64_t MAX_ITEMS = 0xffff;
+  std::atomic<uint64_t> state_{0};  // phase (high 32 bits), item count (16), next item (low 16)
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleeping_{0};
   std::atomic<const std::function<void(int64_t)>*> job_{nullptr};
-  std::atomic<int64_t> total_{0};
   std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
@@ -447,6 +452,14 @@ inline void int16_block(const int8_t* w0, int64_t k, const int16_t* q, int64_t b
 constexpr bool INT16_INPUTS = false;
 #endif
 
+// A batch's inputs rounded for one int8 product (VNNI builds): row b's int16 values at q + b * k
+// and its scale s[b]. Each row is rounded on its own, so the step rounds them on its threads,
+// together with the work that produces the row.
+struct Rounded {
+  std::vector<int16_t> q;
+  std::vector<float> s;
+};
+
 // A weight matrix (n, k) as the model holds it: fp32 rows, int8 rows times scale[row], or
 // int4 blocks.
 struct Mat {
@@ -614,28 +627,45 @@ struct Mat {
   }
 #endif
 
+  // Whether this product takes its inputs rounded (``Rounded``): int8 rows on VNNI builds.
+  bool rounds_inputs() const { return INT16_INPUTS && wq != nullptr; }
+
+  // Room for ``batch`` rounded input rows, then row b of them from x (k floats), on any thread.
+  void make_room(Rounded& r, int64_t batch) const {
+    if (!rounds_inputs()) return;
+    r.q.resize(batch * k);
+    r.s.resize(batch);
+  }
+  void round_row(const float* x, int64_t b, Rounded& r) const {
+#ifdef ZENLM_INT16_INPUTS
+    if (wq) r.s[b] = quantize16(x, k, qmax_for(k), r.q.data() + b * k);
+#endif
+  }
+
   // y = W x (+ bias), in a few items a thread: enough to even out a slow thread, few enough
   // that claiming them (one contended atomic each) costs nothing next to the rows. One row
   // (memory-bound) takes 2 a thread: each item's first AHEAD bytes wait on memory, and a
   // thread's next item is not where its prefetches went (1.1-1.2x over 8, SmolLM2 int8 on
   // Zen 4). A batch (compute-bound) takes 8. Items are multiples of 4 rows, which keeps the
   // four-row kernel whole. ``run(count, fn)`` spreads fn(0..count) over ``threads`` threads:
-  // the step's own pool, or torch's between torch ops.
+  // the step's own pool, or torch's between torch ops. ``ready``: x already rounded (where
+  // ``rounds_inputs``), else the rows are rounded here, on this thread.
   template <typename Run>
-  void apply(int threads, Run&& run, const float* x, float* y, int64_t batch = 1) const {
+  void apply(int threads, Run&& run, const float* x, float* y, int64_t batch = 1,
+             const Rounded* ready = nullptr) const {
     const int64_t items = (batch == 1 ? 2 : 8) * threads;
     const int64_t per = std::max<int64_t>(16, ((n + items - 1) / items + 3) / 4 * 4);
     const int64_t count = (n + per - 1) / per;
 #ifdef ZENLM_INT16_INPUTS
-    if (wq) {  // the inputs rounded once, on this thread, then every row against them
-      thread_local std::vector<int16_t> q;
-      thread_local std::vector<float> qs;
-      q.resize(batch * k);
-      qs.resize(batch);
-      const int32_t qmax = qmax_for(k);
-      for (int64_t b = 0; b < batch; ++b) qs[b] = quantize16(x + b * k, k, qmax, q.data() + b * k);
-      const int16_t* qp = q.data();
-      const float* sp = qs.data();
+    if (wq) {
+      if (!ready) {
+        thread_local Rounded own;
+        make_room(own, batch);
+        for (int64_t b = 0; b < batch; ++b) round_row(x + b * k, b, own);
+        ready = &own;
+      }
+      const int16_t* qp = ready->q.data();
+      const float* sp = ready->s.data();
       run(count, [&](int64_t i) { rows_int16(qp, sp, y, batch, i * per, std::min(n, (i + 1) * per)); });
       return;
     }
@@ -647,9 +677,9 @@ struct Mat {
     }
   }
 
-  void apply(Pool& pool, const float* x, float* y, int64_t batch = 1) const {
+  void apply(Pool& pool, const float* x, float* y, int64_t batch = 1, const Rounded* ready = nullptr) const {
     apply(pool.threads(), [&](int64_t count, const std::function<void(int64_t)>& fn) { pool.run(count, fn); },
-          x, y, batch);
+          x, y, batch, ready);
   }
 };
 
@@ -781,16 +811,31 @@ class Decoder {
     gu_.resize(B * 2 * ff_);
     tmp_.resize(B * std::max(d_, ff_));
     if (static_cast<int64_t>(scores_.size()) < B * nh_ * longest) scores_.resize(B * nh_ * longest * 2);
-    for (int64_t b = 0; b < B; ++b)
-      std::memcpy(x_.data() + b * d_, emb_.data_ptr<float>() + tokens[b] * d_, d_ * sizeof(float));
+    // The work between products is per row (norms, RoPE, the residual, SwiGLU, rounding the
+    // next product's inputs), so it runs a row an item over the pool instead of on this thread
+    // while the others wait: at batch 8 that work was a quarter of a step's wall time. A row's
+    // arithmetic is the same on any thread, and one row runs here, as before.
+    auto each_row = [&](int64_t rows, const std::function<void(int64_t)>& fn) { pool_->run(rows, fn); };
+    const float* emb = emb_.data_ptr<float>();
     for (int64_t i = 0; i < L; ++i) {
       const Layer& l = layers_[i];
-      for (int64_t b = 0; b < B; ++b) rmsnorm(x_.data() + b * d_, l.attn_norm.data_ptr<float>(), xn_.data() + b * d_);
-      l.qkv.apply(*pool_, xn_.data(), qkv_.data(), B);
+      const float* attn_norm = l.attn_norm.data_ptr<float>();
+      l.qkv.make_room(in_, B);
+      each_row(B, [&](int64_t b) {  // the residual stream in: the embedding, or the last layer's sum
+        float* x = x_.data() + b * d_;
+        if (i == 0) {
+          std::memcpy(x, emb + tokens[b] * d_, d_ * sizeof(float));
+        } else {
+          add(x, xn_.data() + b * d_, d_);
+        }
+        rmsnorm(x, attn_norm, xn_.data() + b * d_);
+        l.qkv.round_row(xn_.data() + b * d_, b, in_);
+      });
+      l.qkv.apply(*pool_, xn_.data(), qkv_.data(), B, &in_);
       const int64_t cap = keys[i].size(2);
       float* kc = keys[i].data_ptr<float>();
       float* vc = values[i].data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b) {
+      each_row(B, [&](int64_t b) {  // RoPE, then this row's key and value into its cache row
         const int64_t pos = positions[b];
         const float* cos = cos_.data_ptr<float>() + pos * hd_;
         const float* sin = sin_.data_ptr<float>() + pos * hd_;
@@ -805,27 +850,41 @@ class Decoder {
           std::memcpy(kb + (h * cap + pos) * hd_, k + h * hd_, hd_ * sizeof(float));
           std::memcpy(vb + (h * cap + pos) * hd_, v + h * hd_, hd_ * sizeof(float));
         }
-      }
+      });
       attend(kc, vc, cap, positions, cache_rows, nq, longest);
-      l.o.apply(*pool_, att_.data(), tmp_.data(), B);
-      for (int64_t j = 0; j < B * d_; ++j) x_[j] += tmp_[j];
-      for (int64_t b = 0; b < B; ++b) rmsnorm(x_.data() + b * d_, l.mlp_norm.data_ptr<float>(), xn_.data() + b * d_);
-      l.gate_up.apply(*pool_, xn_.data(), gu_.data(), B);
-      for (int64_t b = 0; b < B; ++b) {  // SwiGLU: silu(gate) * up
+      if (l.o.rounds_inputs()) {
+        l.o.make_room(in_, B);
+        each_row(B, [&](int64_t b) { l.o.round_row(att_.data() + b * nh_ * hd_, b, in_); });
+      }
+      l.o.apply(*pool_, att_.data(), tmp_.data(), B, l.o.rounds_inputs() ? &in_ : nullptr);
+      const float* mlp_norm = l.mlp_norm.data_ptr<float>();
+      l.gate_up.make_room(in_, B);
+      each_row(B, [&](int64_t b) {
+        float* x = x_.data() + b * d_;
+        add(x, tmp_.data() + b * d_, d_);
+        rmsnorm(x, mlp_norm, xn_.data() + b * d_);
+        l.gate_up.round_row(xn_.data() + b * d_, b, in_);
+      });
+      l.gate_up.apply(*pool_, xn_.data(), gu_.data(), B, &in_);
+      l.down.make_room(in_, B);
+      each_row(B, [&](int64_t b) {  // SwiGLU: silu(gate) * up
         const float* gu = gu_.data() + b * 2 * ff_;
         float* act = tmp_.data() + b * ff_;
         for (int64_t j = 0; j < ff_; ++j) act[j] = gu[j] / (1.0f + std::exp(-gu[j])) * gu[ff_ + j];
-      }
-      l.down.apply(*pool_, tmp_.data(), xn_.data(), B);
-      for (int64_t j = 0; j < B * d_; ++j) x_[j] += xn_[j];
+        l.down.round_row(act, b, in_);
+      });
+      l.down.apply(*pool_, tmp_.data(), xn_.data(), B, &in_);
     }
+    each_row(B, [&](int64_t b) { add(x_.data() + b * d_, xn_.data() + b * d_, d_); });
     const int64_t out_rows = logit_rows.empty() ? B : static_cast<int64_t>(logit_rows.size());
-    for (int64_t j = 0; j < out_rows; ++j) {  // the wanted rows, packed at the front
+    head_.make_room(in_, out_rows);
+    each_row(out_rows, [&](int64_t j) {  // the wanted rows, packed at the front
       const int64_t b = logit_rows.empty() ? j : logit_rows[j];
       rmsnorm(x_.data() + b * d_, final_norm_.data_ptr<float>(), xn_.data() + j * d_);
-    }
+      head_.round_row(xn_.data() + j * d_, j, in_);
+    });
     torch::Tensor logits = torch::empty({out_rows, 1, vocab_}, torch::kFloat);
-    head_.apply(*pool_, xn_.data(), logits.data_ptr<float>(), out_rows);
+    head_.apply(*pool_, xn_.data(), logits.data_ptr<float>(), out_rows, &in_);
     return logits;
   }
 
@@ -842,10 +901,14 @@ class Decoder {
   // x * cos + rotate_half(x) * sin, sin's first half already negated (the model's tables)
   void rope(float* x, const float* cos, const float* sin) const {
     const int64_t half = hd_ / 2;
-    float rot[512];
-    float* buf = rot;
-    for (int64_t j = 0; j < hd_; ++j) buf[j] = x[(j + half) % hd_];
+    float buf[512];  // rotate_half's x: the second half, then the first
+    std::memcpy(buf, x + half, half * sizeof(float));
+    std::memcpy(buf + half, x, half * sizeof(float));
     for (int64_t j = 0; j < hd_; ++j) x[j] = x[j] * cos[j] + buf[j] * sin[j];
+  }
+
+  static void add(float* x, const float* y, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) x[j] += y[j];
   }
 
   // One query per head and row over that row's positions 0..pos; softmax in fp32. A work item
@@ -907,6 +970,7 @@ class Decoder {
   Mat head_;
   std::vector<Layer> layers_;
   std::vector<float> x_, xn_, qkv_, att_, gu_, tmp_, scores_;
+  Rounded in_;  // the next product's inputs, rounded
   std::mutex mu_;
   std::unique_ptr<Pool> pool_;
 };
