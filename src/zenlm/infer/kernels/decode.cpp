@@ -80,6 +80,25 @@ inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline float hsum(vec v) { return hsum8(v); }
 #endif
 
+// The four sums of a0..a3's lanes as one vector [sum a0, sum a1, sum a2, sum a3]: a transpose
+// folded as it goes, a quarter of four hsum's shuffles.
+inline __m128 hsum4(vec a0, vec a1, vec a2, vec a3) {
+#if defined(__AVX512F__)
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(u), 1)));
+#else
+  const __m256 t0 = _mm256_add_ps(_mm256_unpacklo_ps(a0, a1), _mm256_unpackhi_ps(a0, a1));
+  const __m256 t1 = _mm256_add_ps(_mm256_unpacklo_ps(a2, a3), _mm256_unpackhi_ps(a2, a3));
+  const __m256 h = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t1))),
+                                 _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t1))));
+#endif
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 // Inputs a pass of the batched kernels takes against four weight rows: 4 x NB accumulators
 // plus the NB inputs and a weight vector fill AVX2's 16 registers at 3, AVX-512's 32 at 6.
 constexpr int NB4 = W == 16 ? 6 : 3;
@@ -911,6 +930,66 @@ class Decoder {
     for (int64_t j = 0; j < n; ++j) x[j] += y[j];
   }
 
+  // q's dot with keys 0..n-1 (k, n x hd) times scale into s, and their largest: four keys at a
+  // time, one accumulator each, folded together. Which sums a key's score takes depends only on
+  // n (the row's own length), never on the batch or the thread.
+  float scores(const float* q, const float* k, int64_t n, float scale, float* s) const {
+    const int64_t hv = hd_ / W * W;
+    float m = -INFINITY;
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+      const float* k0 = k + t * hd_;
+      vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+      for (int64_t j = 0; j < hv; j += W) {
+        const vec qv = vload(q + j);
+        a0 = vfma(qv, vload(k0 + j), a0);
+        a1 = vfma(qv, vload(k0 + hd_ + j), a1);
+        a2 = vfma(qv, vload(k0 + 2 * hd_ + j), a2);
+        a3 = vfma(qv, vload(k0 + 3 * hd_ + j), a3);
+      }
+      _mm_storeu_ps(s + t, hsum4(a0, a1, a2, a3));
+      for (int64_t i = 0; i < 4; ++i) {
+        for (int64_t j = hv; j < hd_; ++j) s[t + i] += q[j] * k0[i * hd_ + j];
+        s[t + i] *= scale;
+        m = std::max(m, s[t + i]);
+      }
+    }
+    for (; t < n; ++t) {
+      const float* kt = k + t * hd_;
+      vec a = vzero();
+      for (int64_t j = 0; j < hv; j += W) a = vfma(vload(q + j), vload(kt + j), a);
+      s[t] = hsum(a);
+      for (int64_t j = hv; j < hd_; ++j) s[t] += q[j] * kt[j];
+      s[t] *= scale;
+      m = std::max(m, s[t]);
+    }
+    return m;
+  }
+
+  // out (hd) = sum over t < n of p[t] * v[t] (v: n x hd), held in registers over all positions,
+  // up to eight vectors of it at a time.
+  template <int NV>
+  static void weighted_block(const float* p, const float* v, int64_t n, int64_t hd, float* out) {
+    vec acc[NV];
+    for (int i = 0; i < NV; ++i) acc[i] = vzero();
+    for (int64_t t = 0; t < n; ++t) {
+      const vec pv = vset(p[t]);
+      for (int i = 0; i < NV; ++i) acc[i] = vfma(pv, vload(v + t * hd + i * W), acc[i]);
+    }
+    for (int i = 0; i < NV; ++i) vstore(out + i * W, acc[i]);
+  }
+  void weighted_sum(const float* p, const float* v, int64_t n, float* out) const {
+    const int64_t hv = hd_ / W * W;
+    for (int64_t c = 0; c < hv; c += 8 * W) {
+      with_count<8>(std::min<int64_t>(8, (hv - c) / W),
+                    [&](auto nv) { weighted_block<decltype(nv)::value>(p, v + c, n, hd_, out + c); });
+    }
+    for (int64_t j = hv; j < hd_; ++j) {
+      out[j] = 0.0f;
+      for (int64_t t = 0; t < n; ++t) out[j] += p[t] * v[t * hd_ + j];
+    }
+  }
+
   // One query per head and row over that row's positions 0..pos; softmax in fp32. A work item
   // is one row's KV head with the query heads that share it (GQA), one after another on one
   // thread, so the group's keys and values are read from memory once and then from this core's
@@ -932,20 +1011,15 @@ class Decoder {
       const float* kh = kc + (cache_rows[b] * nkv_ + h / group) * cap * hd_;
       const float* vh = vc + (cache_rows[b] * nkv_ + h / group) * cap * hd_;
       float* s = scores_.data() + item * longest;
-      float m = -INFINITY;
-      for (int64_t t = 0; t < n; ++t) {
-        s[t] = dot(qh, kh + t * hd_, hd_) * scale;
-        m = std::max(m, s[t]);
-      }
+      const float m = scores(qh, kh, n, scale, s);
       float sum = 0.0f;
       for (int64_t t = 0; t < n; ++t) {
         s[t] = std::exp(s[t] - m);
         sum += s[t];
       }
-      float* out = att_.data() + item * hd_;
-      std::fill(out, out + hd_, 0.0f);
       const float inv = 1.0f / sum;
-      for (int64_t t = 0; t < n; ++t) axpy(s[t] * inv, vh + t * hd_, out, hd_);
+      for (int64_t t = 0; t < n; ++t) s[t] *= inv;
+      weighted_sum(s, vh, n, att_.data() + item * hd_);
     };
     auto kv_head = [&](int64_t item) {
       const int64_t b = item / nkv_, g = item % nkv_;
