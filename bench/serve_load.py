@@ -1,7 +1,8 @@
 """Load on an OpenAI-compatible server: zenlm serve against its peers, in the same run.
 
 For each server and each level of concurrency (1, 2, 4, 8, 16 streaming clients, arriving
-``--stagger`` seconds apart, each sending ``--requests`` chat completions one after another) it
+``--stagger`` seconds apart, each sending ``--requests`` chat completions one after another, or
+with ``--duration S`` as many as it can until S seconds after the last arrival) it
 reports the total tokens/s over the level's wall time and while all its clients stream (the
 wall time also holds the arrivals' ramp and the tail), time to first token (p50/p95) and time
 between tokens (p50/p95). Every server is a separate process on 127.0.0.1 started by this script
@@ -191,15 +192,26 @@ async def one_request(session, server: Server, max_tokens: int, timeout: float) 
     return {"status": status, "times": times, "t0": t0, "end": time.perf_counter()}
 
 
-async def level(server: Server, clients: int, requests: int, max_tokens: int, stagger: float) -> dict:
+async def level(server: Server, clients: int, requests: int, max_tokens: int, stagger: float,
+                duration: float | None = None) -> dict:
+    """``requests`` chat completions a client, one after another; or, with ``duration``, as
+    many as each client can start until ``duration`` seconds after the last one arrived, so
+    that every client streams for about that long together whatever the server's speed (a
+    fixed count lets a fast server's first clients finish before the last ones arrive)."""
     import aiohttp
 
     async def client(i, session):
         await asyncio.sleep(i * stagger)
-        return [await one_request(session, server, max_tokens, 600) for _ in range(requests)]
+        if duration is None:
+            return [await one_request(session, server, max_tokens, 600) for _ in range(requests)]
+        out = []
+        while not out or time.perf_counter() < end:
+            out.append(await one_request(session, server, max_tokens, 600))
+        return out
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         start = time.perf_counter()
+        end = start + (clients - 1) * stagger + (duration or 0.0)
         per_client = await asyncio.gather(*(client(i, session) for i in range(clients)))
         wall = time.perf_counter() - start
     results = [r for rs in per_client for r in rs]
@@ -247,7 +259,8 @@ def run_load(args) -> dict:
     if "transformers" in args.peers:
         servers.append(lambda: transformers_server(args.threads, args.extra_path, work))
     out = {"cpu": cpu_name(), "threads": args.threads, "prompt": PROMPT, "max_tokens": args.max_tokens,
-           "requests_per_client": args.requests, "stagger_s": args.stagger, "prefill_chunk": args.prefill_chunk,
+           "requests_per_client": None if args.duration else args.requests, "duration_s": args.duration,
+           "stagger_s": args.stagger, "prefill_chunk": args.prefill_chunk,
            "native_chunk": args.native_chunk, "servers": {}}
     for make in servers:
         try:
@@ -268,7 +281,7 @@ def run_load(args) -> dict:
             asyncio.run(level(server, 1, 1, min(8, args.max_tokens), 0))  # warm-up
             rows = []
             for c in args.clients:
-                row = asyncio.run(level(server, c, args.requests, args.max_tokens, args.stagger))
+                row = asyncio.run(level(server, c, args.requests, args.max_tokens, args.stagger, args.duration))
                 rows.append(row)
                 print(f"[{server.name}] {json.dumps(row)}", file=sys.stderr)
             out["servers"][server.name] = {"levels": rows, "rss_mb": round(rss_mb(server.proc.pid), 1)}
@@ -302,8 +315,10 @@ def summarize(out: dict) -> dict:
 
 
 def markdown(out: dict) -> str:
+    load = (f"requests back to back until {out['duration_s']}s after the last arrival" if out.get("duration_s")
+            else f"{out['requests_per_client']} request(s) per client")
     lines = [f"CPU: {out['cpu']}; {out['threads']} threads per server; max_tokens {out['max_tokens']}, "
-             f"{out['requests_per_client']} request(s) per client, arrivals {out['stagger_s']}s apart.", "",
+             f"{load}, arrivals {out['stagger_s']}s apart.", "",
              "| server | clients | tokens/s | tokens/s, all streaming | TTFT p50 ms | TTFT p95 ms | TBT p50 ms "
              "| TBT p95 ms | ok/requests |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -384,6 +399,8 @@ def main(argv=None) -> int:
     # 4: at 2, int8's 8 clients were never all streaming at once for half a second (arrivals
     # take 1.75 s, a client's requests about as long), so a level measured mostly its ramp
     p.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
+    p.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="instead of --requests: each client sends requests until SECONDS after the last arrival")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--stagger", type=float, default=0.25, help="seconds between client arrivals")
     p.add_argument("--quantize", default="none,int8", help="zenlm servers to run: none (fp32), int8")
