@@ -83,6 +83,14 @@ inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
+inline vec vfnma(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// 2^n for whole n in [-126, 127], built in the exponent field
+inline vec vpow2(vec n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
 inline float hsum(vec v) {
   const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
   return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
@@ -102,6 +110,13 @@ inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+inline vec vfnma(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a * b
+inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vpow2(vec n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
 inline float hsum(vec v) { return hsum8(v); }
 #endif
 
@@ -130,21 +145,11 @@ inline __m128 hsum4(vec a0, vec a1, vec a2, vec a3) {
 // of an 8-row step. Softmax and SwiGLU take it for whole vectors, std::exp for a row's rest, so
 // an element's arithmetic still depends only on its row.
 inline vec vexp(vec x) {
-#if defined(__AVX512F__)
-  x = _mm512_min_ps(_mm512_max_ps(x, vset(-87.0f)), vset(88.0f));
-  const vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, vset(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vec r = _mm512_fnmadd_ps(n, vset(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, vset(-2.12194440e-4f), r);
-  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  const vec two_n = _mm512_castsi512_ps(pow2);
-#else
-  x = _mm256_min_ps(_mm256_max_ps(x, vset(-87.0f)), vset(88.0f));
-  const vec n = _mm256_round_ps(_mm256_mul_ps(x, vset(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vec r = _mm256_fnmadd_ps(n, vset(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, vset(-2.12194440e-4f), r);
-  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const vec two_n = _mm256_castsi256_ps(pow2);
-#endif
+  x = vmin(vmax(x, vset(-87.0f)), vset(88.0f));
+  const vec n = vround(vmul(x, vset(1.44269504f)));
+  vec r = vfnma(n, vset(0.693359375f), x);  // x - n ln 2, ln 2 in two parts
+  r = vfnma(n, vset(-2.12194440e-4f), r);
+  const vec two_n = vpow2(n);
   // e^r = 1 + r + r^2 (1/2 + r (1/6 + r (1/24 + r (1/120 + r (1/720 + r / 5040))))), Horner
   vec p = vset(1.9875691500e-4f);
   p = vfma(p, r, vset(1.3981999507e-3f));
