@@ -179,27 +179,6 @@ inline void with_count(int64_t nb, F&& f) {
   f(std::integral_constant<int, MAX>{});
 }
 
-inline float dot(const float* a, const float* b, int64_t k) {
-  vec s0 = vzero(), s1 = vzero();
-  int64_t j = 0;
-  for (; j + 2 * W <= k; j += 2 * W) {
-    s0 = vfma(vload(a + j), vload(b + j), s0);
-    s1 = vfma(vload(a + j + W), vload(b + j + W), s1);
-  }
-  for (; j + W <= k; j += W) s0 = vfma(vload(a + j), vload(b + j), s0);
-  float s = hsum(vadd(s0, s1));
-  for (; j < k; ++j) s += a[j] * b[j];
-  return s;
-}
-
-// y[i] += a * x[i]
-inline void axpy(float a, const float* x, float* y, int64_t k) {
-  const vec av = vset(a);
-  int64_t j = 0;
-  for (; j + W <= k; j += W) vstore(y + j, vfma(av, vload(x + j), vload(y + j)));
-  for (; j < k; ++j) y[j] += a * x[j];
-}
-
 // Work shared over threads without a fork-join barrier: a phase is a count of items that
 // every thread (the caller included) claims one at a time from one atomic word, and the
 // caller waits only for items already claimed. A thread the OS has not scheduled claims
@@ -934,11 +913,11 @@ class Decoder {
         }
       });
       attend(kc, vc, cap, positions, cache_rows, nq, longest);
-      if (l.o.rounds_inputs()) {
+      if (l.o.rounds_inputs()) {  // attention wrote the rows; a phase only where they are rounded
         l.o.make_room(in_, B);
         each_row(B, [&](int64_t b) { l.o.round_row(att_.data() + b * nh_ * hd_, b, in_); });
       }
-      l.o.apply(*pool_, att_.data(), tmp_.data(), B, l.o.rounds_inputs() ? &in_ : nullptr);
+      l.o.apply(*pool_, att_.data(), tmp_.data(), B, &in_);
       const float* mlp_norm = l.mlp_norm.data_ptr<float>();
       l.gate_up.make_room(in_, B);
       each_row(B, [&](int64_t b) {
