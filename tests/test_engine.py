@@ -402,7 +402,20 @@ def test_prepared_models_batch_like_they_decode_alone(random_model, tokenizer, q
     engine = Engine(model, tokenizer, max_batch=4)
     handles = [engine.submit(Request(ids_of(tokenizer, p), cfg)) for p in CODE]
     drain(engine, handles)
-    assert [h.text() for h in handles] == [generate(model, tokenizer, p, cfg) for p in CODE]
+    texts = [h.text() for h in handles]
+    alone = []
+    for p in CODE:  # each prompt in an engine of its own
+        solo = Engine(model, tokenizer, max_batch=4)
+        h = solo.submit(Request(ids_of(tokenizer, p), cfg))
+        drain(solo, [h])
+        alone.append(h.text())
+    assert texts == alone
+    step = getattr(model, "decode_forward", None)
+    if quantize == "none" or not getattr(getattr(step, "module", None), "int16_inputs", False):
+        # and as ``generate`` decodes them (its prompt through torch's forward; int8 inputs
+        # rounded in blocks, as the VNNI build's step rounds a prompt, can flip a near-tie of
+        # this random model against that)
+        assert texts == [generate(model, tokenizer, p, cfg) for p in CODE]
 
 
 # --- the engine thread: queue, cancel, shutdown, asyncio, call ---------------------------------

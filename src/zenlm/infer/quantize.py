@@ -5,6 +5,9 @@ arithmetic. Storing weights as int8 (one scale per output row) cuts those bytes 
 scale and a zero per group of 32 inputs) by 8. Both are weight-only: each token's input stays
 in float (rounded to bf16 for the kernel, which converts it back to fp32 to accumulate), so only
 the weights' rounding is lost and every projection, the output head included, can go int8.
+(The fused step's own int8 kernel, on CPUs with AVX-512 VNNI, rounds each input to int8 in
+blocks of 64 as well, so that a batch's products are a quarter of the instructions: SmolLM2's
+perplexity through it stays within 0.2% of fp32's; see ``kernels/decode.cpp``.)
 
 int8 products of up to :data:`INT8_MAX_ROWS` rows run in the fused decode step's own kernel
 (:func:`int8_kernel`) where it is built, so prompts and decoded tokens share one arithmetic;

@@ -410,15 +410,14 @@ inline void q4_dot_dequantized(const float* w, int64_t k, const float* x, int64_
   for (int b = 0; b < NB; ++b) out[b] = q4_sum(a[b]);
 }
 
-// int8 rows against int16 inputs, in builds for CPUs with AVX-512 VNNI. Each input row is
+// int8 rows against int16 inputs, in builds for CPUs with AVX-512 VNNI, for widths that are not
+// whole blocks of 64 (those take int8 inputs in blocks: see quantize8 below). Each input row is
 // rounded once to int16 with one scale (x ~ q * s, s = max|x| / qmax), and vpdpwssd sums 32
 // weight-input products an instruction into int32 lanes: twice what an fp32 FMA does, and a
 // weight vector widens in one instruction instead of two. The sums are exact integers, so a
 // row's result depends on no order, blocking, batch or thread count at all; the one rounding
 // is the input's (1/qmax of its largest element; SmolLM2's perplexity, simulated in torch:
-// 25.3246 -> 25.3238, against int8 weights' +0.6%). int8 inputs (vpdpbusd, 4x fp32) were
-// ruled out: rounding SmolLM2's inputs to int8 costs +5% perplexity a row, +0.1% in blocks of
-// 64, and blocks of 64 need a conversion and a multiply each, which take back most of the gain.
+// 25.3246 -> 25.3238, against int8 weights' +0.6%).
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define ZENLM_INT16_INPUTS 1
 #endif
@@ -509,6 +508,109 @@ inline void int16_block(const int8_t* w0, int64_t k, const int16_t* q, int64_t b
       for (int64_t t = j; t < k; ++t) out[b][i] += int32_t{w0[i * k + t]} * qb[t];
   }
 }
+
+// int8 rows against int8 inputs in blocks of 64, for matrices whose width is whole blocks
+// (every width of SmolLM2 and the usual models; other widths keep int16 inputs). Each block of
+// 64 inputs is rounded to int8 with a scale of its own (a row's one scale cost SmolLM2 +4%
+// perplexity, simulated in torch; blocks of 64: 25.31 -> 25.33, against fp32's 25.18), and
+// vpdpbusd sums 64 products an instruction: twice vpdpwssd, with no widening of the weights.
+// The weights are laid out once, when the step is built, 16 rows at a time, four inputs a
+// lane (``pack16``), so one 64-byte load serves 16 rows and a block's 16 sums convert and
+// scale in two vector instructions shared by 16 rows (row-major, that conversion and multiply
+// fall on every row and input and take back most of the gain). vpdpbusd multiplies unsigned by
+// signed bytes: the weights are stored as w + 128, and each block's sum starts at -128 times the
+// sum of its inputs, so the integer sum of a block is exactly that of w * q. A (row, input) is
+// then always the same chain: F = fma(float(sum of block j), s_j, F) over j in order, and y =
+// fma(F, scale, bias): the same alone or in any batch, packed or not.
+constexpr int64_t QBLOCK = 64;
+constexpr int PACK = 16;    // rows a packed group holds (one zmm of int32 lanes)
+constexpr int MB8 = 8;      // inputs a pass: 8 block sums + 8 running sums + a weight vector
+constexpr int64_t AHEAD8 = 8192;  // one stream a thread: 4 KB ahead was 1.15x slower (Zen 5)
+
+// x (k floats, k a multiple of 64) as q (int8) in blocks, with each block's scale s (x ~ q * s;
+// 0 for a zero block, NaN for a block holding NaN or infinity) and neg = -128 * sum(q).
+inline void quantize8(const float* x, int64_t k, int8_t* q, float* s, int32_t* neg) {
+  for (int64_t j = 0; j < k / QBLOCK; ++j) {
+    const float* xb = x + j * QBLOCK;
+    __m512 v[4];
+    __m512 m = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm512_loadu_ps(xb + 16 * i);
+      nan |= _mm512_cmp_ps_mask(v[i], v[i], _CMP_UNORD_Q);
+      m = _mm512_max_ps(m, _mm512_abs_ps(v[i]));
+    }
+    const float amax = _mm512_reduce_max_ps(m);
+    if (nan != 0 || !std::isfinite(amax) || amax == 0.0f) {
+      std::memset(q + j * QBLOCK, 0, QBLOCK);
+      s[j] = nan != 0 || !std::isfinite(amax) ? NAN : 0.0f;
+      neg[j] = 0;
+      continue;
+    }
+    const __m512 inv = _mm512_set1_ps(127.0f / amax);
+    __m512i sum = _mm512_setzero_si512();
+    for (int i = 0; i < 4; ++i) {  // round to nearest even
+      const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));
+      sum = _mm512_add_epi32(sum, r);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j * QBLOCK + 16 * i), _mm512_cvtsepi32_epi8(r));
+    }
+    s[j] = amax / 127.0f;
+    neg[j] = -128 * _mm512_reduce_add_epi32(sum);
+  }
+}
+
+// One int8 row (as the model holds it) against one input rounded by quantize8: the chain above.
+inline float block8_dot(const int8_t* w, int64_t k, const int8_t* q, const float* s, const int32_t* neg) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  float f = 0.0f;
+  for (int64_t j = 0; j < k / QBLOCK; ++j) {
+    const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + j * QBLOCK), flip);
+    const __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(q + j * QBLOCK));
+    f = std::fma(static_cast<float>(_mm512_reduce_add_epi32(acc) + neg[j]), s[j], f);
+  }
+  return f;
+}
+
+// Rows r0..r0+n16 (a multiple of 16) of int8 w (n, k) as packed groups: group g, then k/4
+// chunks of 64 bytes, each the 16 rows' four weights (+128) at that chunk's inputs.
+inline void pack16(const int8_t* w, int64_t k, int64_t n16, uint8_t* out) {
+  for (int64_t g = 0; g < n16 / PACK; ++g)
+    for (int64_t c = 0; c < k / 4; ++c)
+      for (int r = 0; r < PACK; ++r)
+        for (int t = 0; t < 4; ++t)
+          out[(g * (k / 4) + c) * 64 + r * 4 + t] =
+              static_cast<uint8_t>(w[(g * PACK + r) * k + c * 4 + t]) ^ 0x80;
+}
+
+// A packed group (16 rows) against NB inputs (rows b0.. of q): y[b][r..r+15].
+template <int NB>
+inline void packed_group(const uint8_t* g, int64_t k, const int8_t* q, const float* s, const int32_t* neg,
+                         int64_t b0, const float* scale, const float* bias, float* y, int64_t ystride) {
+  const int64_t nblk = k / QBLOCK;
+  __m512 f[NB];
+  for (int b = 0; b < NB; ++b) f[b] = _mm512_setzero_ps();
+  const char* ahead = reinterpret_cast<const char*>(g) + AHEAD8;
+  for (int64_t j = 0; j < nblk; ++j) {
+    __v16si acc[NB];  // typed as the instruction computes, to stay in registers (see int16_block)
+    for (int b = 0; b < NB; ++b) acc[b] = (__v16si)_mm512_set1_epi32(neg[(b0 + b) * nblk + j]);
+    const uint8_t* wb = g + j * QBLOCK * PACK;
+#pragma GCC unroll 16
+    for (int c = 0; c < QBLOCK / 4; ++c) {
+      _mm_prefetch(ahead + j * QBLOCK * PACK + c * 64, _MM_HINT_T0);
+      const __m512i wv = _mm512_load_si512(wb + c * 64);
+      for (int b = 0; b < NB; ++b) {
+        int32_t four;
+        std::memcpy(&four, q + (b0 + b) * k + j * QBLOCK + c * 4, 4);
+        acc[b] = (__v16si)_mm512_dpbusd_epi32((__m512i)acc[b], wv, _mm512_set1_epi32(four));
+      }
+    }
+    for (int b = 0; b < NB; ++b)
+      f[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps((__m512i)acc[b]), _mm512_set1_ps(s[(b0 + b) * nblk + j]), f[b]);
+  }
+  const __m512 sc = _mm512_loadu_ps(scale);
+  const __m512 bi = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int b = 0; b < NB; ++b) _mm512_storeu_ps(y + (b0 + b) * ystride, _mm512_fmadd_ps(f[b], sc, bi));
+}
 #else
 constexpr bool INT16_INPUTS = false;
 #endif
@@ -519,6 +621,9 @@ constexpr bool INT16_INPUTS = false;
 struct Rounded {
   Buffer<int16_t> q;
   Buffer<float> s;
+  Buffer<int8_t> q8;    // widths of whole blocks: int8 values, (B, k)
+  Buffer<float> bs;     // and each block's scale, (B, k / 64)
+  Buffer<int32_t> neg;  // and -128 * each block's sum, (B, k / 64)
 };
 
 // A weight matrix (n, k) as the model holds it: fp32 rows, int8 rows times scale[row], or
@@ -531,6 +636,29 @@ struct Mat {
   const float* scale = nullptr;
   const float* bias = nullptr;
   int64_t n = 0, k = 0;
+  std::shared_ptr<const Buffer<uint8_t>> packed;  // blocks8: the first n16 rows as pack16 lays them
+  int64_t n16 = 0;
+
+  // Whether this product rounds its inputs to int8 blocks (else int16 on VNNI builds).
+  bool blocks8() const {
+#ifdef ZENLM_INT16_INPUTS
+    return wq != nullptr && k % QBLOCK == 0;
+#else
+    return false;
+#endif
+  }
+
+  // Lay the weights out for the packed kernel (the step's own matrices; a copy of the int8
+  // rows, built once).
+  void pack() {
+#ifdef ZENLM_INT16_INPUTS
+    if (!blocks8() || n < PACK) return;
+    n16 = n / PACK * PACK;
+    auto buf = std::make_shared<Buffer<uint8_t>>(n16 * k);
+    pack16(wq, k, n16, buf->data());
+    packed = std::move(buf);
+#endif
+  }
 
   void rows(const float* x, float* y, int64_t r0, int64_t r1) const {
     if (w4) {
@@ -686,6 +814,32 @@ struct Mat {
       r += rows;
     }
   }
+
+  // int8 rows [r0, r1) of Y = X W^T (+ bias) for B inputs rounded by quantize8: packed groups
+  // of 16 rows against MB8 inputs a pass where packed (r0 a multiple of 16), the other rows
+  // (or all, unpacked) one at a time: the same chain for every (row, input) either way.
+  void rows_block8(const Rounded& in, float* y, int64_t batch, int64_t r0, int64_t r1) const {
+    const int64_t nblk = k / QBLOCK;
+    const int8_t* q = in.q8.data();
+    const float* bs = in.bs.data();
+    const int32_t* neg = in.neg.data();
+    int64_t r = r0;
+    if (packed) {
+      for (; r + PACK <= std::min(r1, n16); r += PACK) {
+        const uint8_t* g = packed->data() + r * k;
+        for (int64_t b0 = 0; b0 < batch; b0 += MB8) {
+          const int64_t nb = std::min<int64_t>(MB8, batch - b0);
+          with_count<MB8>(nb, [&](auto c) {
+            packed_group<decltype(c)::value>(g, k, q, bs, neg, b0, scale + r, bias ? bias + r : nullptr, y + r, n);
+          });
+        }
+      }
+    }
+    for (; r < r1; ++r)
+      for (int64_t b = 0; b < batch; ++b)
+        y[b * n + r] = std::fma(block8_dot(wq + r * k, k, q + b * k, bs + b * nblk, neg + b * nblk), scale[r],
+                                bias ? bias[r] : 0.0f);
+  }
 #endif
 
   // Whether this product takes its inputs rounded (``Rounded``): int8 rows on VNNI builds.
@@ -694,12 +848,23 @@ struct Mat {
   // Room for ``batch`` rounded input rows, then row b of them from x (k floats), on any thread.
   void make_room(Rounded& r, int64_t batch) const {
     if (!rounds_inputs()) return;
+    if (blocks8()) {
+      r.q8.resize(batch * k);
+      r.bs.resize(batch * k / 64);
+      r.neg.resize(batch * k / 64);
+      return;
+    }
     r.q.resize(batch * k);
     r.s.resize(batch);
   }
   void round_row(const float* x, int64_t b, Rounded& r) const {
 #ifdef ZENLM_INT16_INPUTS
-    if (wq) r.s[b] = quantize16(x, k, qmax_for(k), r.q.data() + b * k);
+    if (blocks8()) {
+      const int64_t nblk = k / QBLOCK;
+      quantize8(x, k, r.q8.data() + b * k, r.bs.data() + b * nblk, r.neg.data() + b * nblk);
+    } else if (wq) {
+      r.s[b] = quantize16(x, k, qmax_for(k), r.q.data() + b * k);
+    }
 #endif
   }
 
@@ -715,7 +880,8 @@ struct Mat {
   void apply(int threads, Run&& run, const float* x, float* y, int64_t batch = 1,
              const Rounded* ready = nullptr) const {
     const int64_t items = (batch == 1 ? 2 : 8) * threads;
-    const int64_t per = std::max<int64_t>(16, ((n + items - 1) / items + 3) / 4 * 4);
+    const int64_t align = packed ? 16 : 4;  // whole packed groups, or whole four-row blocks
+    const int64_t per = std::max<int64_t>(16, ((n + items - 1) / items + align - 1) / align * align);
     const int64_t count = (n + per - 1) / per;
 #ifdef ZENLM_INT16_INPUTS
     if (wq) {
@@ -724,6 +890,10 @@ struct Mat {
         make_room(own, batch);
         for (int64_t b = 0; b < batch; ++b) round_row(x + b * k, b, own);
         ready = &own;
+      }
+      if (blocks8()) {
+        run(count, [&](int64_t i) { rows_block8(*ready, y, batch, i * per, std::min(n, (i + 1) * per)); });
+        return;
       }
       const int16_t* qp = ready->q.data();
       const float* sp = ready->s.data();
@@ -744,7 +914,7 @@ struct Mat {
   }
 };
 
-Mat make_mat(const torch::Tensor& w, const Opt& scale, const Opt& bias) {
+Mat make_mat(const torch::Tensor& w, const Opt& scale, const Opt& bias, bool pack = false) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "weights must be contiguous 2-D CPU tensors");
   Mat m;
   m.keep_w = w;
@@ -771,6 +941,7 @@ Mat make_mat(const torch::Tensor& w, const Opt& scale, const Opt& bias) {
     m.keep_b = *bias;
     m.bias = m.keep_b.data_ptr<float>();
   }
+  if (pack) m.pack();
   return m;
 }
 
@@ -798,7 +969,7 @@ class Decoder {
     vocab_ = embedding.size(0);
     d_ = embedding.size(1);
     final_norm_ = checked_vec(final_norm, d_, "the final norm");
-    head_ = make_mat(head, head_scale, std::nullopt);
+    head_ = make_mat(head, head_scale, std::nullopt, true);
     TORCH_CHECK(head_.k == d_, "the head's width must be d_model");
     TORCH_CHECK(rope_cos.dim() == 2 && rope_cos.size(1) == hd_ && rope_cos.is_contiguous() &&
                 rope_cos.scalar_type() == torch::kFloat && rope_sin.sizes() == rope_cos.sizes() &&
@@ -815,10 +986,10 @@ class Decoder {
     Layer l;
     l.attn_norm = checked_vec(attn_norm, d_, "an attention norm");
     l.mlp_norm = checked_vec(mlp_norm, d_, "an MLP norm");
-    l.qkv = make_mat(qkv, qkv_scale, qkv_bias);
-    l.o = make_mat(o, o_scale, o_bias);
-    l.gate_up = make_mat(gate_up, gate_up_scale, gate_up_bias);
-    l.down = make_mat(down, down_scale, down_bias);
+    l.qkv = make_mat(qkv, qkv_scale, qkv_bias, true);
+    l.o = make_mat(o, o_scale, o_bias, true);
+    l.gate_up = make_mat(gate_up, gate_up_scale, gate_up_bias, true);
+    l.down = make_mat(down, down_scale, down_bias, true);
     TORCH_CHECK(l.qkv.n == (nh_ + 2 * nkv_) * hd_ && l.qkv.k == d_, "q/k/v shape");
     TORCH_CHECK(l.o.n == d_ && l.o.k == nh_ * hd_, "o_proj shape");
     TORCH_CHECK(l.gate_up.n == 2 * ff_ && l.gate_up.k == d_, "gate/up shape");
@@ -1128,7 +1299,9 @@ torch::Tensor q4_dequantize(const torch::Tensor& blocks, int64_t k) {
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                           const Opt& bias) {
   TORCH_CHECK(w.scalar_type() == torch::kInt8, "int8_linear takes int8 weights");
-  const Mat m = make_mat(w, scale, bias);
+  // a few rows or more: lay the weights out for the packed kernel (the same arithmetic; laying
+  // them out costs about one read of them, which one row's product is)
+  const Mat m = make_mat(w, scale, bias, x.dim() == 2 && x.size(0) >= 4);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == m.k && x.scalar_type() == torch::kFloat && x.is_contiguous(),
               "int8_linear's input must be contiguous fp32 (rows, ", m.k, ")");
   const int64_t rows = x.size(0);
@@ -1141,6 +1314,49 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w, const 
   };
   m.apply(std::max(1, at::get_num_threads()), run, x.data_ptr<float>(), y.data_ptr<float>(), rows);
   return y;
+}
+
+// Each row's index of its largest value, the first of equals, a NaN counting as largest (its
+// first), as torch.argmax picks: greedy decoding's token for every row of a step. torch took
+// 0.6 ms a step for 8 x 49152 logits inside the engine (its reduction's threads meet the pool's
+// still spinning one), a tenth of an int8 step; one thread here takes about 0.05.
+std::vector<int64_t> argmax_rows(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.size(1) > 0,
+              "argmax_rows takes contiguous fp32 rows (rows, n), n > 0");
+  const int64_t rows = x.size(0), n = x.size(1);
+  std::vector<int64_t> out(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = x.data_ptr<float>() + r * n;
+    vec m = vset(-INFINITY), odd = vzero();  // odd: NaN where any x is NaN or infinite
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      const vec v = vload(p + j);
+      m = vmax(m, v);
+      odd = vadd(odd, vmul(v, vzero()));
+    }
+    float best = -INFINITY;
+    float lanes[W];
+    vstore(lanes, m);
+    for (int i = 0; i < W; ++i) best = std::max(best, lanes[i]);
+    bool plain = !std::isnan(hsum(odd));
+    for (int64_t t = j; t < n; ++t) {
+      plain = plain && std::isfinite(p[t]);
+      best = std::max(best, p[t]);
+    }
+    int64_t at = 0;
+    if (plain) {
+      while (p[at] != best) ++at;
+    } else {  // the exact rule: the first NaN, else the first largest (infinities included)
+      at = -1;
+      for (int64_t t = 0; t < n && at < 0; ++t) if (std::isnan(p[t])) at = t;
+      if (at < 0) {
+        at = 0;
+        for (int64_t t = 1; t < n; ++t) if (p[t] > p[at]) at = t;
+      }
+    }
+    out[r] = at;
+  }
+  return out;
 }
 
 }  // namespace
@@ -1156,6 +1372,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("n_layer", &Decoder::n_layer);
   m.def("q4_dequantize", &q4_dequantize, py::call_guard<py::gil_scoped_release>());
   m.def("int8_linear", &int8_linear, py::call_guard<py::gil_scoped_release>());
-  // whether int8 products round their inputs to int16 (AVX-512 VNNI) or keep them fp32
+  m.def("argmax_rows", &argmax_rows, py::call_guard<py::gil_scoped_release>());
+  // whether int8 products round their inputs (AVX-512 VNNI: to int8 in blocks of int8_block
+  // inputs where a matrix's width is whole blocks, else to int16) or keep them fp32
   m.attr("int16_inputs") = py::bool_(INT16_INPUTS);
+#ifdef ZENLM_INT16_INPUTS
+  m.attr("int8_block") = py::int_(QBLOCK);
+#else
+  m.attr("int8_block") = py::int_(0);
+#endif
 }
