@@ -107,14 +107,20 @@ class Handle:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def _push(self, event: TokenEvent) -> None:
+    def _push(self, event: TokenEvent, wakes: list | None = None) -> None:
+        """Add ``event``; asyncio readers are woken at once, or, given ``wakes``, later by
+        :func:`_wake` with the step's other rows (one wake-up of each event loop a step, not
+        one a row: each is a write to the loop's pipe and a pass of the loop)."""
         with self._cond:
             self._events.append(event)
             if event.finish_reason is not None:
                 self.finish_reason = event.finish_reason
             self._cond.notify_all()
-            for loop, flag in self._waiters:
-                loop.call_soon_threadsafe(flag.set)
+            if wakes is None:
+                for loop, flag in self._waiters:
+                    loop.call_soon_threadsafe(flag.set)
+            else:
+                wakes.extend(self._waiters)
 
     def __iter__(self):
         i = 0
@@ -185,6 +191,23 @@ class _Row:
             self.seen = torch.empty(len(self.prompt) + budget, dtype=torch.long)
             self.seen[:len(self.prompt)] = torch.tensor(self.prompt)
         self.n_seen = len(self.prompt)
+
+
+def _set_all(flags: list) -> None:
+    for flag in flags:
+        flag.set()
+
+
+def _wake(wakes: list) -> None:
+    """Set the asyncio flags gathered by ``Handle._push``, one call into each event loop."""
+    by_loop: dict = {}
+    for loop, flag in wakes:
+        by_loop.setdefault(loop, []).append(flag)
+    for loop, flags in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, flags)
+        except RuntimeError:  # a loop that has closed: nobody is reading
+            pass
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -558,7 +581,8 @@ class Engine:
         picks: list[int | None] = [None] * len(rows)
         greedy = [i for i, r in enumerate(rows) if r.cfg.temperature == 0 and r.seen is None]
         if greedy:  # the common case in one op
-            best = raw[greedy].argmax(-1).tolist() if len(greedy) < len(rows) else raw.argmax(-1).tolist()
+            pick = self._native.argmax if self._native is not None else (lambda t: t.argmax(-1).tolist())
+            best = pick(raw[greedy] if len(greedy) < len(rows) else raw)
             for i, tok in zip(greedy, best):
                 picks[i] = tok
         for i, row in enumerate(rows):
@@ -578,11 +602,13 @@ class Engine:
                     n = rows[i].logprobs
                     alts = list(zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist()))
                 lps[i] = (chosen[j], alts)
+        wakes: list = []
         for i, row in enumerate(rows):
             lp, alts = lps.get(i, (None, None))
-            self._emit(row, picks[i], lp, alts)
+            self._emit(row, picks[i], lp, alts, wakes)
+        _wake(wakes)
 
-    def _emit(self, row: _Row, token: int, logprob, alts) -> None:
+    def _emit(self, row: _Row, token: int, logprob, alts, wakes: list | None = None) -> None:
         row.generated += 1
         row.handle.completion_tokens += 1
         self.completion_tokens_total += 1
@@ -599,11 +625,11 @@ class Engine:
             if row.seen is not None:
                 row.seen[row.n_seen] = token
                 row.n_seen += 1
-            row.handle._push(event)
+            row.handle._push(event, wakes)
             return
         self._release(row)
         self.finished[reason] += 1
-        row.handle._push(event)
+        row.handle._push(event, wakes)
 
     def _release(self, row: _Row) -> None:
         """Free the slot; its KV (and ``_tokens``) stay for a later prompt with the same prefix."""

@@ -189,6 +189,11 @@ class FusedDecode:
         return self.decoder.step(tokens, positions, slots, [k for k, _ in cache.layers],
                                  [v for _, v in cache.layers], *([logit_rows] if logit_rows else []))
 
+    def argmax(self, logits: torch.Tensor) -> list[int]:
+        """Each row's greedy pick, as ``logits.argmax(-1)`` (the first of equals, NaN largest),
+        on the calling thread: torch's reduction there took a tenth of an int8 step."""
+        return self.module.argmax_rows(logits.float().contiguous())
+
     def can_run(self, cache) -> bool:
         """Whether :meth:`rows` can compute over ``cache`` (a full per-row fp32 cache)."""
         return (self.module is not None and cache is not None and cache.lengths is not None
