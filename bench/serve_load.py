@@ -124,14 +124,14 @@ def base_env(threads: int, extra_path: str | None = None) -> dict:
 
 
 def zenlm_server(state: Path, quantize: str, threads: int, max_batch: int, max_queue: int,
-                 prefill_chunk: int = 256, native_chunk: int = 16) -> Server:
+                 prefill_chunk: int = 256, native_chunk: int = 16, kv_cache: str = "auto") -> Server:
     from zenlm.serve.keys import KeyStore
 
     key = KeyStore(state).create(f"bench-{quantize}-{time.time_ns()}", ["generate"])[0]
     cmd = [PY, "-m", "zenlm.cli.main", "serve", "--model", "smollm2", "--state", str(state),
            "--port", str(free_port()), "--quantize", quantize, "--max-batch", str(max_batch),
            "--prefill-chunk", str(prefill_chunk), "--native-chunk", str(native_chunk),
-           "--max-queue", str(max_queue)]
+           "--max-queue", str(max_queue), "--kv-cache", kv_cache]
     return Server(f"zenlm-{'fp32' if quantize == 'none' else quantize}", cmd, base_env(threads), "/ready", key)
 
 
@@ -253,7 +253,7 @@ def run_load(args) -> dict:
     servers = []
     for q in args.quantize:
         servers.append(lambda q=q: zenlm_server(work / "state", q, args.threads, args.max_batch, args.max_queue,
-                                                      args.prefill_chunk, args.native_chunk))
+                                                      args.prefill_chunk, args.native_chunk, args.kv_cache))
     if "llama_cpp" in args.peers:
         servers.append(lambda: llama_cpp_server(args.threads, args.extra_path))
     if "transformers" in args.peers:
@@ -261,7 +261,7 @@ def run_load(args) -> dict:
     out = {"cpu": cpu_name(), "threads": args.threads, "prompt": PROMPT, "max_tokens": args.max_tokens,
            "requests_per_client": None if args.duration else args.requests, "duration_s": args.duration,
            "stagger_s": args.stagger, "prefill_chunk": args.prefill_chunk,
-           "native_chunk": args.native_chunk, "servers": {}}
+           "native_chunk": args.native_chunk, "kv_cache": args.kv_cache, "servers": {}}
     for make in servers:
         try:
             server = make()
@@ -375,7 +375,7 @@ async def soak(server: Server, seconds: float, clients: int, max_tokens: int) ->
 def run_soak(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="serve-soak-"))
     server = zenlm_server(work / "state", args.quantize[0], args.threads, args.max_batch, args.max_queue,
-                          args.prefill_chunk, args.native_chunk)
+                          args.prefill_chunk, args.native_chunk, args.kv_cache)
     server.start()
     try:
         asyncio.run(level(server, min(4, args.max_batch), 1, args.max_tokens, 0))  # warm-up: caches grown
@@ -411,6 +411,7 @@ def main(argv=None) -> int:
     p.add_argument("--native-chunk", type=int, default=16,
                    help="zenlm serve's prompt tokens inside each native decode step (0: off)")
     p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--kv-cache", choices=["auto", "fp32", "fp16"], default="auto", help="zenlm serve's KV cache dtype")
     p.add_argument("--extra-path", help="a folder put on the peers' PYTHONPATH (their server dependencies)")
     p.add_argument("--soak", type=float, metavar="SECONDS", help="soak zenlm at twice capacity instead")
     p.add_argument("--smoke", action="store_true", help="a few seconds per server: 1 and 2 clients, 8 tokens")

@@ -388,8 +388,9 @@ def test_prompt_logprobs_against_a_direct_forward(random_model, tokenizer):
 
 
 # --- prepared models ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kv", [None, torch.float16])
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_prepared_models_batch_like_they_decode_alone(random_model, tokenizer, quantize, monkeypatch):
+def test_prepared_models_batch_like_they_decode_alone(random_model, tokenizer, quantize, kv, monkeypatch):
     import zenlm.infer.quantize as quant
     from zenlm.infer.prepare import prepare_for_decoding
 
@@ -399,19 +400,20 @@ def test_prepared_models_batch_like_they_decode_alone(random_model, tokenizer, q
     monkeypatch.setattr(quant, "INT8_MAX_ROWS", 0)
     model = prepare_for_decoding(copy.deepcopy(random_model), quantize=quantize)
     cfg = SamplingConfig(max_new_tokens=16, temperature=0)
-    engine = Engine(model, tokenizer, max_batch=4)
+    engine = Engine(model, tokenizer, max_batch=4, kv_dtype=kv)
+    assert engine.cache.dtype == (kv or torch.float32)
     handles = [engine.submit(Request(ids_of(tokenizer, p), cfg)) for p in CODE]
     drain(engine, handles)
     texts = [h.text() for h in handles]
     alone = []
     for p in CODE:  # each prompt in an engine of its own
-        solo = Engine(model, tokenizer, max_batch=4)
+        solo = Engine(model, tokenizer, max_batch=4, kv_dtype=kv)
         h = solo.submit(Request(ids_of(tokenizer, p), cfg))
         drain(solo, [h])
         alone.append(h.text())
     assert texts == alone
     step = getattr(model, "decode_forward", None)
-    if quantize == "none" or not getattr(getattr(step, "module", None), "int16_inputs", False):
+    if kv is None and (quantize == "none" or not getattr(getattr(step, "module", None), "int16_inputs", False)):
         # and as ``generate`` decodes them (its prompt through torch's forward; int8 inputs
         # rounded in blocks, as the VNNI build's step rounds a prompt, can flip a near-tie of
         # this random model against that)

@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--native-chunk", type=int, default=16,
                    help="with the native decode step: prompt tokens computed inside each decode step "
                         "(0: prompts through the model's forward)")
+    p.add_argument("--kv-cache", choices=["auto", "fp32", "fp16"], default="auto",
+                   help="the KV cache's dtype (auto: the model's; fp16 halves its memory and what "
+                        "attention reads a step, for many rows or long contexts)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
     p.add_argument("--audit-prompts", action="store_true",
@@ -30,6 +33,9 @@ def add_parser(sub) -> None:
     add_policy_arg(p)  # on every prompt and reply; also answers /v1/moderations
     add_decoding_args(p)
     p.set_defaults(func=run)
+
+
+KV_DTYPES = {"auto": None, "fp32": "float32", "fp16": "float16"}
 
 
 def run(args) -> int:
@@ -45,6 +51,7 @@ def run(args) -> int:
     app = create_app(loaded, state_dir=args.state, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill_chunk=args.prefill_chunk,
                      native_chunk=args.native_chunk, audit_prompts=args.audit_prompts,
+                     kv_dtype=KV_DTYPES[args.kv_cache],
                      model_name=args.name or ("smollm2" if args.model == "smollm2" else None),
                      grace=args.grace, policy=policy)
     print(f"zenlm: serving {app.state.zenlm.model_name} on http://{args.host}:{args.port} "

@@ -228,12 +228,13 @@ class Engine:
     ``native_prompt`` tokens (see the module docstring); ``max_len``
     caps a row's prompt + completion (default: the model's context). The KV cache starts small
     and doubles up to ``max_batch`` x ``max_len`` as rows need it. A prefix of at least
-    ``reuse_min`` tokens is reused from the cache rather than recomputed.
+    ``reuse_min`` tokens is reused from the cache rather than recomputed. ``kv_dtype``: the
+    cache's (default the model's; ``torch.float16`` halves its memory and what attention reads).
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
                  prefill_chunk: int = 256, max_len: int | None = None, reuse_min: int = 4,
-                 native_chunk: int = 16, native_prompt: int = 128):
+                 native_chunk: int = 16, native_prompt: int = 128, kv_dtype: torch.dtype | None = None):
         self.model = model
         self.body = getattr(model, "backbone", model)
         self.tokenizer = tokenizer
@@ -242,7 +243,8 @@ class Engine:
         self.max_len = min(max_len or self.body.config.max_seq_len, self.body.config.max_seq_len)
         self.reuse_min = max(1, reuse_min)
         self.device = self.body.tok_emb.weight.device
-        self.cache = self.body.new_cache(max_batch, min(self.max_len, 256), per_row=True)
+        self.kv_dtype = kv_dtype
+        self.cache = self.body.new_cache(max_batch, min(self.max_len, 256), per_row=True, dtype=kv_dtype)
         self._forward = getattr(self.body, "decode_forward", self.body)  # see compile_decoding
         # the native step (infer/fused.py) computes prompt chunks beside the decoding rows;
         # native_chunk 0 keeps every step on the path without it (A/B)
@@ -530,7 +532,8 @@ class Engine:
         lands past each row's length, where nothing reads), then their new positions are copied
         back. Copying keys is cheap next to a forward per row. Last-token logits (k, V)."""
         width = max(n for _, _, n in batch)
-        stage = self.body.new_cache(len(batch), max(start for _, start, _ in batch) + width, per_row=True)
+        stage = self.body.new_cache(len(batch), max(start for _, start, _ in batch) + width, per_row=True,
+                                    dtype=self.cache.dtype)
         tokens = torch.zeros(len(batch), width, dtype=torch.long, device=self.device)
         for j, (row, start, n) in enumerate(batch):
             if start:

@@ -124,6 +124,9 @@ def build(model: nn.Module, module=None):
     return dec
 
 
+KV_DTYPES = (torch.float32, torch.float16)  # the caches the step reads and writes
+
+
 class FusedDecode:
     """``model(idx, cache=..., last_only=...)`` for decode loops, natively where it can be.
 
@@ -148,7 +151,7 @@ class FusedDecode:
         # (a per-row view from ``KVCache.rows`` carries only layers, lengths and live)
         return (cache is not None and self.module is not None and idx.dim() == 2 and idx.shape[1] == 1
                 and idx.shape[0] == cache.batch and not getattr(cache, "cross", None)
-                and cache.layers[0][0].dtype == torch.float32)
+                and cache.layers[0][0].dtype in KV_DTYPES)
 
     def __call__(self, idx: torch.Tensor, targets=None, *, cache=None, last_only: bool = False, **kwargs):
         if targets is not None or kwargs or not self.native_step(idx, cache):
@@ -195,9 +198,9 @@ class FusedDecode:
         return self.module.argmax_rows(logits.float().contiguous())
 
     def can_run(self, cache) -> bool:
-        """Whether :meth:`rows` can compute over ``cache`` (a full per-row fp32 cache)."""
+        """Whether :meth:`rows` can compute over ``cache`` (a full per-row fp32 or fp16 cache)."""
         return (self.module is not None and cache is not None and cache.lengths is not None
-                and not getattr(cache, "cross", None) and cache.layers[0][0].dtype == torch.float32)
+                and not getattr(cache, "cross", None) and cache.layers[0][0].dtype in KV_DTYPES)
 
     def rows(self, entries: list[tuple[int, list[int]]], cache) -> torch.Tensor:
         """Several cache rows' next tokens in one native step, each entry ``(cache row, tokens)``
@@ -207,7 +210,7 @@ class FusedDecode:
         streams' step instead of stalling them. Logits of each entry's last token (len, V); the
         rows' lengths advance."""
         if not self.can_run(cache):
-            raise ValueError("native rows need a per-row fp32 KV cache and the built extension")
+            raise ValueError("native rows need a per-row fp32 or fp16 KV cache and the built extension")
         tokens, positions, slots, last = [], [], [], []
         seen = set()
         for slot, ids in entries:

@@ -21,12 +21,12 @@ log = logging.getLogger(__name__)
 ENV = "ZENLM_FUSED"  # "0" turns the native step off
 ISA_ENV = "ZENLM_FUSED_ISA"  # "avx2" or "avx512": which build to use (default: the widest the CPU has)
 SOURCE = Path(__file__).with_name("kernels") / "decode.cpp"
-CPU_FLAGS = ("avx2", "fma")
+CPU_FLAGS = ("avx2", "fma")  # (and F16C, for an fp16 KV cache: every AVX2 CPU has it, none lacks it)
 # Each build's compiler flags. The AVX-512 build runs the same code over 16-float vectors, which
 # doubles what a batched product does per cycle where the CPU has two 512-bit FMA units, and
 # VNNI's integer products (int8 weights against int16 inputs) double an int8 batch's again.
-ISAS = {"avx2": ("-mavx2", "-mfma"),
-        "avx512": ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vnni")}
+ISAS = {"avx2": ("-mavx2", "-mfma", "-mf16c"),
+        "avx512": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vnni")}
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # what the AVX-512 build needs
 
 

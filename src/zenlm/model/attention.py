@@ -114,9 +114,10 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             past = cache.pos if cache is not None else 0
             if cache is not None:
-                k, v = cache.update(self.layer, k, v)  # in the cache's dtype: attention runs in it
-                if q.dtype != k.dtype:
-                    q = q.to(k.dtype)
+                k, v = cache.update(self.layer, k, v)  # in the cache's dtype
+                if q.dtype != k.dtype:  # attention runs in the wider of the two (an fp16 cache
+                    wide = torch.promote_types(q.dtype, k.dtype)  # of an fp32 model: fp32)
+                    q, k, v = q.to(wide), k.to(wide), v.to(wide)
         # Causality: a fresh sequence uses the fused causal kernel; a single new token sees the
         # whole cache; a chunk appended to a cache needs an explicit mask (passed in).
         # (t > 1 first: under torch.compile a one-token step then never looks at the dynamic past)

@@ -166,13 +166,16 @@ class Transformer(nn.Module):
                     n -= emb.weight.numel()
         return n
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None, *, per_row: bool = False) -> KVCache:
-        """A KV cache in the model's dtype, except that a bf16 model on a CPU caches (and
-        attends) in fp32: torch's CPU attention over a cache is several times slower in bf16,
-        and the cache is small."""
+    def new_cache(self, batch: int = 1, max_len: int | None = None, *, per_row: bool = False,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache in ``dtype``, by default the model's, except that a bf16 model on a CPU
+        caches (and attends) in fp32: torch's CPU attention over a cache is several times
+        slower in bf16, and the cache is small. (A server's many rows and long contexts can
+        make it large: ``dtype=torch.float16`` halves it, and what attention reads a step.)"""
         c = self.config
         p = self.tok_emb.weight
-        dtype = torch.float32 if p.device.type == "cpu" and p.dtype == torch.bfloat16 else p.dtype
+        if dtype is None:
+            dtype = torch.float32 if p.device.type == "cpu" and p.dtype == torch.bfloat16 else p.dtype
         return KVCache(c.n_layer, batch, c.n_kv_head, c.head_dim, max_len or c.max_seq_len,
                        dtype=dtype, device=p.device, per_row=per_row)
 

@@ -138,13 +138,14 @@ def create_app(loaded, *, state_dir: str | Path, engine=None, max_batch: int = 1
                prefill_chunk: int = 256, native_chunk: int = 16, max_len: int | None = None,
                audit_prompts: bool = False,
                model_name: str | None = None, grace: float = 30.0, checkpoint_every: int = 100,
-               policy=None):
+               policy=None, kv_dtype: str | None = None):
     """The server app for a prepared model (``zenlm.infer.prepare.prepare_for_decoding`` done).
 
     ``state_dir`` holds the keys (keys.sqlite + secret), the audit log (audit/) and its key
     (audit.key, outside the log folder). ``engine``: an Engine to serve with (else one is built
     with the sizes given); it is started with the app and shut down with it. ``policy``: a
     moderation Policy or its file, applied to prompts and replies and answering /v1/moderations.
+    ``kv_dtype``: the engine's KV cache dtype by name ("float16"; None: the model's).
     """
     from fastapi import FastAPI
 
@@ -160,8 +161,11 @@ def create_app(loaded, *, state_dir: str | Path, engine=None, max_batch: int = 1
     if engine is None:
         from zenlm.infer.engine import Engine
 
+        import torch
+
         engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue,
-                        prefill_chunk=prefill_chunk, native_chunk=native_chunk, max_len=max_len)
+                        prefill_chunk=prefill_chunk, native_chunk=native_chunk, max_len=max_len,
+                        kv_dtype=getattr(torch, kv_dtype) if kv_dtype else None)
     keys = KeyStore(state_dir)
     tok = loaded.tokenizer
     eot = end_of_turn(tok) if tok is not None and tok.chat_template else None

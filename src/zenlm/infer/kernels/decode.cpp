@@ -9,8 +9,8 @@
 //
 // Layout, matching zenlm.model exactly: fused q/k/v rows (q, then k, then v), fused gate/up
 // rows (gate, then up), RoPE in the "rotate half" layout with the model's own cos and signed
-// sin tables, KV cache tensors (rows, kv_heads, capacity, head_dim) written at each row's
-// position.
+// sin tables, KV cache tensors (rows, kv_heads, capacity, head_dim), fp32 or fp16, written at
+// each row's position.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -79,6 +79,11 @@ inline vec vload(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+// sixteen fp16 values (an fp16 KV cache) as fp32, and back, rounded to nearest even
+inline vec vload(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline void vstore(uint16_t* p, vec v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
@@ -106,6 +111,10 @@ inline vec vload(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vload(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline void vstore(uint16_t* p, vec v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
@@ -144,6 +153,16 @@ inline __m128 hsum4(vec a0, vec a1, vec a2, vec a3) {
 // against double exp in steps of 0.0007 over the whole range), where the scalar expf call cost 3%
 // of an 8-row step. Softmax and SwiGLU take it for whole vectors, std::exp for a row's rest, so
 // an element's arithmetic still depends only on its row.
+// A KV cache element as fp32 (fp32 or fp16 caches), and n fp32 values into a cache row.
+inline float as_float(float x) { return x; }
+inline float as_float(uint16_t h) { return _cvtsh_ss(h); }
+inline void put_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void put_row(uint16_t* dst, const float* src, int64_t n) {
+  int64_t j = 0;
+  for (; j + W <= n; j += W) vstore(dst + j, vload(src + j));
+  for (; j < n; ++j) dst[j] = _cvtss_sh(src[j], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
 inline vec vexp(vec x) {
   x = vmin(vmax(x, vset(-87.0f)), vset(88.0f));
   const vec n = vround(vmul(x, vset(1.44269504f)));
@@ -1030,11 +1049,14 @@ class Decoder {
                   "logit rows must be ascending row indices");
     for (int64_t i = 0; i < L; ++i) {
       for (const auto* t : {&keys[i], &values[i]}) {
-        TORCH_CHECK(t->scalar_type() == torch::kFloat && t->dim() == 4 && t->size(0) >= rows_needed &&
+        TORCH_CHECK(t->scalar_type() == keys[0].scalar_type() && t->dim() == 4 && t->size(0) >= rows_needed &&
                     t->size(1) == nkv_ && t->size(3) == hd_ && t->size(2) >= longest && t->is_contiguous(),
-                    "KV cache tensors must be contiguous fp32 (batch, kv_heads, > position, head_dim)");
+                    "KV cache tensors must be contiguous fp32 or fp16, all alike (batch, kv_heads, > position, head_dim)");
       }
     }
+    TORCH_CHECK(L == 0 || keys[0].scalar_type() == torch::kFloat || keys[0].scalar_type() == torch::kHalf,
+                "KV cache tensors must be fp32 or fp16");
+    const bool half = L > 0 && keys[0].scalar_type() == torch::kHalf;
     const int64_t nq = (nh_ + 2 * nkv_) * hd_;
     x_.resize(B * d_);
     xn_.resize(B * d_);
@@ -1065,8 +1087,6 @@ class Decoder {
       });
       l.qkv.apply(*pool_, xn_.data(), qkv_.data(), B, &in_);
       const int64_t cap = keys[i].size(2);
-      float* kc = keys[i].data_ptr<float>();
-      float* vc = values[i].data_ptr<float>();
       each_row(B, [&](int64_t b) {  // RoPE, then this row's key and value into its cache row
         const int64_t pos = positions[b];
         const float* cos = cos_.data_ptr<float>() + pos * hd_;
@@ -1076,14 +1096,20 @@ class Decoder {
         float* v = k + nkv_ * hd_;
         for (int64_t h = 0; h < nh_; ++h) rope(q + h * hd_, cos, sin);
         for (int64_t h = 0; h < nkv_; ++h) rope(k + h * hd_, cos, sin);
-        float* kb = kc + cache_rows[b] * nkv_ * cap * hd_;
-        float* vb = vc + cache_rows[b] * nkv_ * cap * hd_;
-        for (int64_t h = 0; h < nkv_; ++h) {
-          std::memcpy(kb + (h * cap + pos) * hd_, k + h * hd_, hd_ * sizeof(float));
-          std::memcpy(vb + (h * cap + pos) * hd_, v + h * hd_, hd_ * sizeof(float));
+        const int64_t at = cache_rows[b] * nkv_ * cap * hd_;
+        if (half) {
+          put_kv(static_cast<uint16_t*>(keys[i].data_ptr()) + at, static_cast<uint16_t*>(values[i].data_ptr()) + at,
+                 k, v, cap, pos);
+        } else {
+          put_kv(keys[i].data_ptr<float>() + at, values[i].data_ptr<float>() + at, k, v, cap, pos);
         }
       });
-      attend(kc, vc, cap, positions, cache_rows, nq, longest);
+      if (half) {
+        attend(static_cast<const uint16_t*>(keys[i].data_ptr()), static_cast<const uint16_t*>(values[i].data_ptr()),
+               cap, positions, cache_rows, nq, longest);
+      } else {
+        attend(keys[i].data_ptr<float>(), values[i].data_ptr<float>(), cap, positions, cache_rows, nq, longest);
+      }
       if (l.o.rounds_inputs()) {  // attention wrote the rows; a phase only where they are rounded
         l.o.make_room(in_, B);
         each_row(B, [&](int64_t b) { l.o.round_row(att_.data() + b * nh_ * hd_, b, in_); });
@@ -1152,12 +1178,22 @@ class Decoder {
   // q's dot with keys 0..n-1 (k, n x hd) times scale into s, and their largest: four keys at a
   // time, one accumulator each, folded together. Which sums a key's score takes depends only on
   // n (the row's own length), never on the batch or the thread.
-  float scores(const float* q, const float* k, int64_t n, float scale, float* s) const {
+  // This row's key and value at ``pos`` of its cache rows (kb, vb: the row's first KV head).
+  template <typename T>
+  void put_kv(T* kb, T* vb, const float* k, const float* v, int64_t cap, int64_t pos) const {
+    for (int64_t h = 0; h < nkv_; ++h) {
+      put_row(kb + (h * cap + pos) * hd_, k + h * hd_, hd_);
+      put_row(vb + (h * cap + pos) * hd_, v + h * hd_, hd_);
+    }
+  }
+
+  template <typename T>
+  float scores(const float* q, const T* k, int64_t n, float scale, float* s) const {
     const int64_t hv = hd_ / W * W;
     float m = -INFINITY;
     int64_t t = 0;
     for (; t + 4 <= n; t += 4) {
-      const float* k0 = k + t * hd_;
+      const T* k0 = k + t * hd_;
       vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
       for (int64_t j = 0; j < hv; j += W) {
         const vec qv = vload(q + j);
@@ -1168,17 +1204,17 @@ class Decoder {
       }
       _mm_storeu_ps(s + t, hsum4(a0, a1, a2, a3));
       for (int64_t i = 0; i < 4; ++i) {
-        for (int64_t j = hv; j < hd_; ++j) s[t + i] += q[j] * k0[i * hd_ + j];
+        for (int64_t j = hv; j < hd_; ++j) s[t + i] += q[j] * as_float(k0[i * hd_ + j]);
         s[t + i] *= scale;
         m = std::max(m, s[t + i]);
       }
     }
     for (; t < n; ++t) {
-      const float* kt = k + t * hd_;
+      const T* kt = k + t * hd_;
       vec a = vzero();
       for (int64_t j = 0; j < hv; j += W) a = vfma(vload(q + j), vload(kt + j), a);
       s[t] = hsum(a);
-      for (int64_t j = hv; j < hd_; ++j) s[t] += q[j] * kt[j];
+      for (int64_t j = hv; j < hd_; ++j) s[t] += q[j] * as_float(kt[j]);
       s[t] *= scale;
       m = std::max(m, s[t]);
     }
@@ -1187,8 +1223,8 @@ class Decoder {
 
   // out (hd) = sum over t < n of p[t] * v[t] (v: n x hd), held in registers over all positions,
   // up to eight vectors of it at a time.
-  template <int NV>
-  static void weighted_block(const float* p, const float* v, int64_t n, int64_t hd, float* out) {
+  template <int NV, typename T>
+  static void weighted_block(const float* p, const T* v, int64_t n, int64_t hd, float* out) {
     vec acc[NV];
     for (int i = 0; i < NV; ++i) acc[i] = vzero();
     for (int64_t t = 0; t < n; ++t) {
@@ -1197,7 +1233,8 @@ class Decoder {
     }
     for (int i = 0; i < NV; ++i) vstore(out + i * W, acc[i]);
   }
-  void weighted_sum(const float* p, const float* v, int64_t n, float* out) const {
+  template <typename T>
+  void weighted_sum(const float* p, const T* v, int64_t n, float* out) const {
     const int64_t hv = hd_ / W * W;
     for (int64_t c = 0; c < hv; c += 8 * W) {
       with_count<8>(std::min<int64_t>(8, (hv - c) / W),
@@ -1205,7 +1242,7 @@ class Decoder {
     }
     for (int64_t j = hv; j < hd_; ++j) {
       out[j] = 0.0f;
-      for (int64_t t = 0; t < n; ++t) out[j] += p[t] * v[t * hd_ + j];
+      for (int64_t t = 0; t < n; ++t) out[j] += p[t] * as_float(v[t * hd_ + j]);
     }
   }
 
@@ -1216,7 +1253,8 @@ class Decoder {
   // an item per query head made the threads fetch it once per head (an int8 step of 8 rows at
   // position 100 / 400, alternating on a Zen 4: 1.06x / 1.44x). A row or two keep an item a
   // head: their few groups would leave a thread idle (one row: 0.91x).
-  void attend(const float* kc, const float* vc, int64_t cap, const std::vector<int64_t>& positions,
+  template <typename T>
+  void attend(const T* kc, const T* vc, int64_t cap, const std::vector<int64_t>& positions,
               const std::vector<int64_t>& cache_rows, int64_t nq, int64_t longest) {
     const int64_t group = nh_ / nkv_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
@@ -1227,8 +1265,8 @@ class Decoder {
       const int64_t item = b * nh_ + h;
       const int64_t n = positions[b] + 1;
       const float* qh = qkv_.data() + b * nq + h * hd_;
-      const float* kh = kc + (cache_rows[b] * nkv_ + h / group) * cap * hd_;
-      const float* vh = vc + (cache_rows[b] * nkv_ + h / group) * cap * hd_;
+      const T* kh = kc + (cache_rows[b] * nkv_ + h / group) * cap * hd_;
+      const T* vh = vc + (cache_rows[b] * nkv_ + h / group) * cap * hd_;
       float* s = scores_.data() + item * longest;
       const float m = scores(qh, kh, n, scale, s);
       float sum = 0.0f;
