@@ -107,20 +107,14 @@ class Handle:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def _push(self, event: TokenEvent, wakes: list | None = None) -> None:
-        """Add ``event``; asyncio readers are woken at once, or, given ``wakes``, later by
-        :func:`_wake` with the step's other rows (one wake-up of each event loop a step, not
-        one a row: each is a write to the loop's pipe and a pass of the loop)."""
+    def _push(self, event: TokenEvent) -> None:
         with self._cond:
             self._events.append(event)
             if event.finish_reason is not None:
                 self.finish_reason = event.finish_reason
             self._cond.notify_all()
-            if wakes is None:
-                for loop, flag in self._waiters:
-                    loop.call_soon_threadsafe(flag.set)
-            else:
-                wakes.extend(self._waiters)
+            for loop, flag in self._waiters:
+                loop.call_soon_threadsafe(flag.set)
 
     def __iter__(self):
         i = 0
@@ -193,23 +187,6 @@ class _Row:
         self.n_seen = len(self.prompt)
 
 
-def _set_all(flags: list) -> None:
-    for flag in flags:
-        flag.set()
-
-
-def _wake(wakes: list) -> None:
-    """Set the asyncio flags gathered by ``Handle._push``, one call into each event loop."""
-    by_loop: dict = {}
-    for loop, flag in wakes:
-        by_loop.setdefault(loop, []).append(flag)
-    for loop, flags in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_set_all, flags)
-        except RuntimeError:  # a loop that has closed: nobody is reading
-            pass
-
-
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
     n = 0
     for x, y in zip(a[:limit], b[:limit]):
@@ -243,7 +220,6 @@ class Engine:
         self.max_len = min(max_len or self.body.config.max_seq_len, self.body.config.max_seq_len)
         self.reuse_min = max(1, reuse_min)
         self.device = self.body.tok_emb.weight.device
-        self.kv_dtype = kv_dtype
         self.cache = self.body.new_cache(max_batch, min(self.max_len, 256), per_row=True, dtype=kv_dtype)
         self._forward = getattr(self.body, "decode_forward", self.body)  # see compile_decoding
         # the native step (infer/fused.py) computes prompt chunks beside the decoding rows;
@@ -605,13 +581,11 @@ class Engine:
                     n = rows[i].logprobs
                     alts = list(zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist()))
                 lps[i] = (chosen[j], alts)
-        wakes: list = []
         for i, row in enumerate(rows):
             lp, alts = lps.get(i, (None, None))
-            self._emit(row, picks[i], lp, alts, wakes)
-        _wake(wakes)
+            self._emit(row, picks[i], lp, alts)
 
-    def _emit(self, row: _Row, token: int, logprob, alts, wakes: list | None = None) -> None:
+    def _emit(self, row: _Row, token: int, logprob, alts) -> None:
         row.generated += 1
         row.handle.completion_tokens += 1
         self.completion_tokens_total += 1
@@ -628,11 +602,11 @@ class Engine:
             if row.seen is not None:
                 row.seen[row.n_seen] = token
                 row.n_seen += 1
-            row.handle._push(event, wakes)
+            row.handle._push(event)
             return
         self._release(row)
         self.finished[reason] += 1
-        row.handle._push(event, wakes)
+        row.handle._push(event)
 
     def _release(self, row: _Row) -> None:
         """Free the slot; its KV (and ``_tokens``) stay for a later prompt with the same prefix."""

@@ -61,38 +61,6 @@ class Generation:
         return sum(int(getattr(h, "completion_tokens", 0) or 0) for h in self.handles)
 
     async def events(self) -> AsyncIterator[tuple[int, object]]:
-        source = self._one() if len(self.handles) == 1 else self._merged()
-        try:
-            first, last = True, {}
-            async for i, ev in source:
-                if isinstance(ev, Exception):
-                    raise ev
-                if ev.token is not None and self.on_token is not None:
-                    now = time.perf_counter()
-                    if first:
-                        self.on_token(ttft=now - self.t0)
-                        first = False
-                    if i in last:
-                        self.on_token(tbt=now - last[i])
-                    last[i] = now
-                yield i, ev
-        finally:
-            self.cancel()
-            await source.aclose()
-
-    async def _one(self):
-        """One choice (n = 1, nearly every request): its handle's events as they come, with no
-        task and queue between (they cost a pass of the event loop a token)."""
-        try:
-            async for ev in self.handles[0]:
-                yield 0, ev
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the engine failed this row: surface it to the request
-            yield 0, exc
-
-    async def _merged(self):
-        """Several choices' events, interleaved as they come."""
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -108,15 +76,26 @@ class Generation:
                 queue.put_nowait((i, done))
 
         tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(self.handles)]
-        live = len(tasks)
+        live, first, last = len(tasks), True, {}
         try:
             while live:
                 i, ev = await queue.get()
                 if ev is done:
                     live -= 1
                     continue
+                if isinstance(ev, Exception):
+                    raise ev
+                if ev.token is not None and self.on_token is not None:
+                    now = time.perf_counter()
+                    if first:
+                        self.on_token(ttft=now - self.t0)
+                        first = False
+                    if i in last:
+                        self.on_token(tbt=now - last[i])
+                    last[i] = now
                 yield i, ev
         finally:
+            self.cancel()
             for t in tasks:
                 t.cancel()
 

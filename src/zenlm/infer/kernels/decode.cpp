@@ -437,6 +437,8 @@ inline void q4_dot_dequantized(const float* w, int64_t k, const float* x, int64_
 // row's result depends on no order, blocking, batch or thread count at all; the one rounding
 // is the input's (1/qmax of its largest element; SmolLM2's perplexity, simulated in torch:
 // 25.3246 -> 25.3238, against int8 weights' +0.6%).
+constexpr int64_t QBLOCK = 64;  // inputs a scale covers where inputs are rounded to int8 (below)
+constexpr int64_t PACK = 16;    // rows a packed group holds (one zmm of int32 lanes)
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define ZENLM_INT16_INPUTS 1
 #endif
@@ -541,8 +543,6 @@ inline void int16_block(const int8_t* w0, int64_t k, const int16_t* q, int64_t b
 // sum of its inputs, so the integer sum of a block is exactly that of w * q. A (row, input) is
 // then always the same chain: F = fma(float(sum of block j), s_j, F) over j in order, and y =
 // fma(F, scale, bias): the same alone or in any batch, packed or not.
-constexpr int64_t QBLOCK = 64;
-constexpr int PACK = 16;    // rows a packed group holds (one zmm of int32 lanes)
 constexpr int MB8 = 8;      // inputs a pass: 8 block sums + 8 running sums + a weight vector
 constexpr int64_t AHEAD8 = 8192;  // one stream a thread: 4 KB ahead was 1.15x slower (Zen 5)
 
@@ -655,8 +655,7 @@ struct Mat {
   const float* scale = nullptr;
   const float* bias = nullptr;
   int64_t n = 0, k = 0;
-  std::shared_ptr<const Buffer<uint8_t>> packed;  // blocks8: the first n16 rows as pack16 lays them
-  int64_t n16 = 0;
+  std::shared_ptr<const Buffer<uint8_t>> packed;  // blocks8: the whole groups of 16 rows, as pack16 lays them
 
   // Whether this product rounds its inputs to int8 blocks (else int16 on VNNI builds).
   bool blocks8() const {
@@ -672,9 +671,8 @@ struct Mat {
   void pack() {
 #ifdef ZENLM_INT16_INPUTS
     if (!blocks8() || n < PACK) return;
-    n16 = n / PACK * PACK;
-    auto buf = std::make_shared<Buffer<uint8_t>>(n16 * k);
-    pack16(wq, k, n16, buf->data());
+    auto buf = std::make_shared<Buffer<uint8_t>>(n / PACK * PACK * k);
+    pack16(wq, k, n / PACK * PACK, buf->data());
     packed = std::move(buf);
 #endif
   }
@@ -844,7 +842,7 @@ struct Mat {
     const int32_t* neg = in.neg.data();
     int64_t r = r0;
     if (packed) {
-      for (; r + PACK <= std::min(r1, n16); r += PACK) {
+      for (; r + PACK <= std::min(r1, n / PACK * PACK); r += PACK) {
         const uint8_t* g = packed->data() + r * k;
         for (int64_t b0 = 0; b0 < batch; b0 += MB8) {
           const int64_t nb = std::min<int64_t>(MB8, batch - b0);
@@ -869,8 +867,8 @@ struct Mat {
     if (!rounds_inputs()) return;
     if (blocks8()) {
       r.q8.resize(batch * k);
-      r.bs.resize(batch * k / 64);
-      r.neg.resize(batch * k / 64);
+      r.bs.resize(batch * k / QBLOCK);
+      r.neg.resize(batch * k / QBLOCK);
       return;
     }
     r.q.resize(batch * k);
@@ -899,7 +897,7 @@ struct Mat {
   void apply(int threads, Run&& run, const float* x, float* y, int64_t batch = 1,
              const Rounded* ready = nullptr) const {
     const int64_t items = (batch == 1 ? 2 : 8) * threads;
-    const int64_t align = packed ? 16 : 4;  // whole packed groups, or whole four-row blocks
+    const int64_t align = packed ? PACK : 4;  // whole packed groups, or whole four-row blocks
     const int64_t per = std::max<int64_t>(16, ((n + items - 1) / items + align - 1) / align * align);
     const int64_t count = (n + per - 1) / per;
 #ifdef ZENLM_INT16_INPUTS
